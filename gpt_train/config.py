@@ -1,0 +1,350 @@
+"""One typed schema for a run: YAML files (which may extend each other) plus `key=value` overrides.
+
+Everything is validated here, before a model is built or a GPU is touched, so that a typo costs
+a second and not a queue slot.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import importlib.resources
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from gpt_train.errors import ConfigError
+
+
+@dataclass
+class ModelConfig:
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    block_size: int = 1024  # longest context the learned positions cover
+    vocab_size: int = 0  # 0: taken from the prepared data's metadata
+    dropout: float = 0.0
+    bias: bool = True
+    init_from: str = ""  # "" = random init; else a local Hugging Face GPT-2 directory (safetensors)
+
+
+@dataclass
+class DataConfig:
+    dir: str = "data/moby-dick"  # output of `gpt-train prepare`: shards plus meta.json
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 6e-4
+    weight_decay: float = 0.1  # applied to matrices only
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # 0 disables clipping
+
+
+@dataclass
+class ScheduleConfig:
+    warmup_steps: int = 700
+    decay_steps: int = 0  # steps from start to the end of the cosine; 0 = train.max_steps
+    min_lr: float = 6e-5  # floor the cosine decays to
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 600_000
+    batch_tokens: int = 524_288  # global batch per optimizer step, in tokens, for any number of ranks
+    micro_batch: int = 16  # sequences per rank per forward pass
+    seq_len: int = 0  # 0 = model.block_size
+    precision: str = field(default="auto", metadata={"choices": ("auto", "fp32", "bf16", "fp16")})
+    compile: bool = False
+    device: str = field(default="auto", metadata={"choices": ("auto", "cpu", "cuda", "mps")})
+    seed: int = 1337
+    deterministic: str = field(default="auto", metadata={"choices": ("auto", "true", "false")})
+    eval_interval: int = 250  # 0 = only at the end
+    eval_batches: int = 20
+    log_interval: int = 10
+    sample_interval: int = 0  # 0 = only at the end
+    sample_tokens: int = 64
+    sample_prompt: str = "\n"
+
+
+@dataclass
+class CheckpointConfig:
+    interval: int = 1000  # steps between checkpoints; 0 = only the final one
+    keep_last: int = 3
+    keep_best: bool = True
+    resume: str = "auto"  # auto | none | best | URL of a checkpoint folder
+    overwrite: bool = False  # with resume=none, allow a run_dir that already has checkpoints
+    async_save: bool = True  # serialize and upload on a background thread
+
+
+@dataclass
+class LoggingConfig:
+    wandb: str = field(default="off", metadata={"choices": ("off", "auto", "online", "offline")})
+    project: str = "gpt-train"
+    name: str = ""  # run name in the dashboard; "" = the run directory's name
+    tensorboard: bool = False
+
+
+@dataclass
+class DistributedConfig:
+    strategy: str = field(default="ddp", metadata={"choices": ("ddp", "fsdp")})
+    backend: str = field(default="auto", metadata={"choices": ("auto", "nccl", "gloo")})
+    timeout_s: int = 600  # collective timeout: a dead peer ends the job instead of hanging it
+
+
+@dataclass
+class Config:
+    run_dir: str = "runs/default"  # local path or fsspec URL; everything the run writes goes here
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+
+    @property
+    def seq_len(self) -> int:
+        return self.train.seq_len or self.model.block_size
+
+
+# Names that users of nanoGPT-style scripts type, mapped to ours.
+ALIASES = {
+    "learning_rate": "optim.lr",
+    "max_iters": "train.max_steps",
+    "warmup_iters": "schedule.warmup_steps",
+    "lr_decay_iters": "schedule.decay_steps",
+    "batch_size": "train.micro_batch",
+    "eval_iters": "train.eval_batches",
+    "dtype": "train.precision",
+    "out_dir": "run_dir",
+    "dataset": "data.dir",
+}
+
+
+def _leaf_paths(cls: type = Config, prefix: str = "") -> dict[str, dataclasses.Field]:
+    """Every settable dotted key of the schema, mapped to its field."""
+    hints = typing.get_type_hints(cls)
+    out: dict[str, dataclasses.Field] = {}
+    for f in dataclasses.fields(cls):
+        key = prefix + f.name
+        if dataclasses.is_dataclass(hints[f.name]):
+            out.update(_leaf_paths(hints[f.name], key + "."))
+        else:
+            out[key] = f
+    return out
+
+
+LEAVES = _leaf_paths()
+_BY_LEAF_NAME: dict[str, list[str]] = {}
+for _key in LEAVES:
+    _BY_LEAF_NAME.setdefault(_key.rsplit(".", 1)[-1], []).append(_key)
+
+
+def resolve_key(key: str) -> str:
+    """Map a user's key (dotted, a unique leaf name, or an alias) to its dotted path in the schema."""
+    if key in LEAVES:
+        return key
+    if key in ALIASES:
+        return ALIASES[key]
+    owners = _BY_LEAF_NAME.get(key, [])
+    if len(owners) == 1:
+        return owners[0]
+    if len(owners) > 1:
+        raise ConfigError(f"config key '{key}' is ambiguous: use one of {', '.join(owners)}")
+    candidates = list(LEAVES) + list(_BY_LEAF_NAME) + list(ALIASES)
+    close = difflib.get_close_matches(key, candidates, n=1, cutoff=0.6)
+    if not close:  # a typo in the leaf of a dotted key: compare leaf names
+        close = difflib.get_close_matches(key.rsplit(".", 1)[-1], list(_BY_LEAF_NAME), n=1, cutoff=0.6)
+        close = [_BY_LEAF_NAME[close[0]][0]] if close else []
+    hint = f"; did you mean '{close[0]}'?" if close else ""
+    raise ConfigError(f"unknown config key '{key}'{hint}")
+
+
+def _coerce(key: str, value: Any, f: dataclasses.Field) -> Any:
+    """Convert a YAML or command-line value to the field's type, or say which key is wrong."""
+    kind = f.type if isinstance(f.type, type) else {"int": int, "float": float, "bool": bool, "str": str}[f.type]
+    bad = ConfigError(f"config key '{key}' expects {kind.__name__}, got {value!r}")
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "yes", "on", "1", "false", "no", "off", "0"):
+            return value.lower() in ("true", "yes", "on", "1")
+        raise bad
+    if kind is int:
+        if isinstance(value, bool):
+            raise bad
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                number = float(value.replace("_", ""))
+            except ValueError:
+                raise bad from None
+            if number.is_integer():
+                return int(number)
+        raise bad
+    if kind is float:
+        if isinstance(value, bool):
+            raise bad
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise bad from None
+    if isinstance(value, bool):  # a YAML `true` for a string field such as deterministic
+        value = "true" if value else "false"
+    if value is None:
+        value = ""
+    if not isinstance(value, (str, int, float)):
+        raise bad
+    value = str(value)
+    choices = f.metadata.get("choices")
+    if choices and value not in choices:
+        raise ConfigError(f"config key '{key}' must be one of {', '.join(choices)}; got '{value}'")
+    return value
+
+
+def preset_dir() -> Path:
+    return Path(str(importlib.resources.files("gpt_train") / "presets"))
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in preset_dir().glob("*.yaml"))
+
+
+def resolve_config_path(name: str) -> Path:
+    """A config file path, or a preset name (`gpt2-large`, `configs/gpt2-large.yaml`, `config/gpt2-large.yaml`)."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    stem = path.name[: -len(path.suffix)] if path.suffix in (".yaml", ".yml") else path.name
+    preset = preset_dir() / f"{stem}.yaml"
+    if preset.is_file() and (len(path.parts) == 1 or path.parent.name in ("config", "configs")):
+        return preset
+    close = difflib.get_close_matches(stem, preset_names(), n=1)
+    hint = f"; did you mean preset '{close[0]}'?" if close else f"; presets: {', '.join(preset_names())}"
+    raise ConfigError(f"config file '{name}' not found{hint}")
+
+
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    path = path.resolve()
+    if path in seen:
+        raise ConfigError(f"config '{path}' extends itself through {' -> '.join(map(str, seen))}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config '{path}' is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config '{path}' must be a mapping of keys to values")
+    parent = data.pop("extends", None)
+    if parent is None:
+        return data
+    parent_path = path.parent / parent
+    base = _read_yaml(parent_path if parent_path.is_file() else resolve_config_path(str(parent)), seen + (path,))
+    return _merge(base, data)
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _flatten(data: dict, prefix: str = "") -> list[tuple[str, Any]]:
+    items = []
+    for k, v in data.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and not (key in LEAVES or key in ALIASES):
+            items.extend(_flatten(v, key + "."))
+        else:
+            items.append((key, v))
+    return items
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
+    pairs = []
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override '{item}' must look like key=value (for example optim.lr=3e-4)")
+        pairs.append((key.strip(), raw))
+    return pairs
+
+
+def load_config(source: str | None = None, overrides: list[str] | None = None) -> Config:
+    """Build the config from a file or preset (or the defaults) and `key=value` overrides."""
+    cfg = Config()
+    items: list[tuple[str, Any]] = []
+    if source:
+        items += _flatten(_read_yaml(resolve_config_path(source)))
+    items += parse_overrides(overrides or [])
+    for key, value in items:
+        set_value(cfg, key, value)
+    validate(cfg)
+    return cfg
+
+
+def set_value(cfg: Config, key: str, value: Any) -> None:
+    path = resolve_key(key)
+    *parents, leaf = path.split(".")
+    target = cfg
+    for p in parents:
+        target = getattr(target, p)
+    setattr(target, leaf, _coerce(path, value, LEAVES[path]))
+
+
+def validate(cfg: Config, world_size: int = 1) -> None:
+    """Impossible combinations, each named by the key to change."""
+    m, t = cfg.model, cfg.train
+
+    def need(ok: bool, message: str) -> None:
+        if not ok:
+            raise ConfigError(message)
+
+    for key in ("model.n_layer", "model.n_head", "model.n_embd", "model.block_size", "train.max_steps",
+                "train.batch_tokens", "train.micro_batch", "train.eval_batches", "train.log_interval"):
+        section, leaf = key.split(".")
+        need(getattr(getattr(cfg, section), leaf) > 0, f"config key '{key}' must be positive")
+    for key in ("model.vocab_size", "train.seq_len", "train.eval_interval", "train.sample_interval",
+                "train.sample_tokens", "schedule.warmup_steps", "schedule.decay_steps", "checkpoint.interval",
+                "checkpoint.keep_last", "optim.weight_decay", "optim.grad_clip", "schedule.min_lr"):
+        section, leaf = key.split(".")
+        need(getattr(getattr(cfg, section), leaf) >= 0, f"config key '{key}' must not be negative")
+    need(m.n_embd % m.n_head == 0, f"config key 'model.n_embd' ({m.n_embd}) must be divisible by model.n_head ({m.n_head})")
+    need(0.0 <= m.dropout < 1.0, "config key 'model.dropout' must be in [0, 1)")
+    need(cfg.optim.lr > 0, "config key 'optim.lr' must be positive")
+    need(cfg.schedule.min_lr <= cfg.optim.lr, f"config key 'schedule.min_lr' ({cfg.schedule.min_lr}) must not exceed optim.lr ({cfg.optim.lr})")
+    need(0.0 <= cfg.optim.beta1 < 1.0 and 0.0 <= cfg.optim.beta2 < 1.0, "config keys 'optim.beta1' and 'optim.beta2' must be in [0, 1)")
+    need(t.seq_len <= m.block_size, f"config key 'train.seq_len' ({t.seq_len}) is above model.block_size ({m.block_size})")
+    per_micro_step = t.micro_batch * cfg.seq_len * world_size
+    need(t.batch_tokens % per_micro_step == 0,
+         f"config key 'train.batch_tokens' ({t.batch_tokens}) must be a multiple of train.micro_batch x seq_len x ranks "
+         f"= {t.micro_batch} x {cfg.seq_len} x {world_size} = {per_micro_step}")
+    need(cfg.checkpoint.keep_last >= 1, "config key 'checkpoint.keep_last' must be at least 1")
+    need(bool(cfg.run_dir), "config key 'run_dir' must not be empty")
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(data: dict) -> Config:
+    """Rebuild a config written by `to_dict` (a checkpoint's or a run directory's)."""
+    cfg = Config()
+    for key, value in _flatten(data):
+        set_value(cfg, key, value)
+    return cfg
+
+
+def dump(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+

@@ -1,0 +1,23 @@
+"""Errors a user can fix. The CLI prints them as one line and exits non-zero, without a traceback."""
+
+
+class UserError(Exception):
+    """Bad input: a config, a data file, a checkpoint, a storage URL. The message names the problem."""
+
+    exit_code = 2
+
+
+class ConfigError(UserError):
+    pass
+
+
+class DataError(UserError):
+    pass
+
+
+class CheckpointError(UserError):
+    pass
+
+
+class StorageError(UserError):
+    pass
