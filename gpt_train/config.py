@@ -213,7 +213,9 @@ def _coerce(key: str, value: Any, f: dataclasses.Field) -> Any:
 
 
 def preset_dir() -> Path:
-    return Path(str(importlib.resources.files("gpt_train") / "presets"))
+    """`configs/` of a source checkout (editable installs), else the copy a wheel ships as gpt_train/presets."""
+    source_tree = Path(__file__).resolve().parent.parent / "configs"
+    return source_tree if source_tree.is_dir() else Path(str(importlib.resources.files("gpt_train") / "presets"))
 
 
 def preset_names() -> list[str]:

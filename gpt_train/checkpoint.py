@@ -1,0 +1,295 @@
+"""Checkpoints that are never half-written, on any fsspec storage, saved without stalling training.
+
+    RUN/checkpoints/step-00001200/
+        model.pt        weights, plain names (no DDP `module.` or compile `_orig_mod.` prefixes)
+        optimizer.pt    AdamW state (and the fp16 GradScaler's)
+        rng.pt          RNG states of every rank
+        meta.json       step, tokens, loader position, val loss, config, tokenizer, versions, run id
+        MANIFEST.json   size and sha256 of each file above; written last
+    RUN/checkpoints/LATEST   the newest step folder's name; written after its manifest
+
+A folder without a verifying manifest does not exist as far as resume is concerned: a writer
+killed at any moment leaves at worst an ignored folder, which the next writer removes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from gpt_train.errors import CheckpointError, StorageError
+from gpt_train.storage import Store
+
+MANIFEST = "MANIFEST.json"
+FORMAT = "gpt-train-checkpoint/1"
+SHAPE_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "bias")
+
+
+def step_name(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+def _step_of(name: str) -> int | None:
+    if name.startswith("step-") and name[5:].isdigit():
+        return int(name[5:])
+    return None
+
+
+def _to_host(obj: Any) -> Any:
+    """A private host copy of every tensor, so training may change the originals at once."""
+    if isinstance(obj, torch.Tensor):
+        if obj.device.type == "cuda":
+            out = torch.empty(obj.shape, dtype=obj.dtype, pin_memory=True)
+            return out.copy_(obj.detach(), non_blocking=True)
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _to_host(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_host(v) for v in obj)
+    return obj
+
+
+def _serialize(obj: Any) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def _deserialize(data: bytes, what: str) -> Any:
+    try:
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"{what} is not a gpt-train checkpoint file or holds objects we do not load "
+                              f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+
+
+@dataclass
+class Checkpoint:
+    """A loaded and verified checkpoint."""
+
+    url: str
+    meta: dict
+    model: dict
+    optimizer: dict | None
+    rng: list | None
+
+    @property
+    def step(self) -> int:
+        return int(self.meta["step"])
+
+
+def list_steps(store: Store) -> list[tuple[int, bool]]:
+    """(step, has manifest) for each step folder under RUN/checkpoints, oldest first."""
+    out = []
+    for name in store.listdir("checkpoints"):
+        step = _step_of(name)
+        if step is not None:
+            out.append((step, store.exists(f"checkpoints/{name}/{MANIFEST}")))
+    return sorted(out)
+
+
+def load(url: str, parts: tuple[str, ...] = ("model", "optimizer", "rng")) -> Checkpoint:
+    """Read a checkpoint folder, verifying every file against the manifest before unpickling-free loading."""
+    store = Store(url)
+    try:
+        manifest = json.loads(store.read_text(MANIFEST))
+    except FileNotFoundError:
+        raise CheckpointError(f"'{url}' has no {MANIFEST}: not a checkpoint, or one whose writing never finished") from None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise CheckpointError(f"'{url}/{MANIFEST}' is not valid JSON") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise CheckpointError(f"'{url}' is not a gpt-train checkpoint (manifest format {manifest.get('format') if isinstance(manifest, dict) else None!r})")
+    wanted = {"meta.json"} | {f"{p}.pt" for p in parts}
+    blobs = {}
+    for name, entry in manifest["files"].items():
+        if name not in wanted:
+            continue
+        try:
+            data = store.read_bytes(name)
+        except FileNotFoundError:
+            raise CheckpointError(f"'{url}/{name}' is listed in the manifest but missing") from None
+        if len(data) != entry["bytes"] or hashlib.sha256(data).hexdigest() != entry["sha256"]:
+            raise CheckpointError(f"'{url}/{name}' does not match its manifest (size or checksum): corrupt")
+        blobs[name] = data
+    meta = json.loads(blobs["meta.json"])
+    get = lambda part: _deserialize(blobs[f"{part}.pt"], f"'{url}/{part}.pt'") if f"{part}.pt" in blobs else None
+    return Checkpoint(url=url, meta=meta, model=get("model"), optimizer=get("optimizer"), rng=get("rng"))
+
+
+def check_compatible(ckpt_meta: dict, model_cfg: dict, tokenizer: dict, source: str) -> None:
+    """A checkpoint of another model or tokenizer is an error before any step runs, not a shape crash."""
+    theirs = ckpt_meta["config"]["model"]
+    diffs = [f"model.{k}: checkpoint {theirs.get(k)!r}, config {model_cfg.get(k)!r}"
+             for k in SHAPE_KEYS if theirs.get(k) != model_cfg.get(k)]
+    if diffs:
+        raise CheckpointError(f"checkpoint '{source}' is of another model: " + "; ".join(diffs))
+    ours = ckpt_meta.get("tokenizer", {})
+    if ours.get("sha256") != tokenizer.get("sha256"):
+        raise CheckpointError(f"checkpoint '{source}' was trained with tokenizer {ours.get('name')!r} "
+                              f"(sha256 {str(ours.get('sha256'))[:12]}), the data uses {tokenizer.get('name')!r} "
+                              f"(sha256 {str(tokenizer.get('sha256'))[:12]})")
+
+
+class Checkpointer:
+    """Writes checkpoints of one run from rank 0 on a background thread; one in flight at a time."""
+
+    def __init__(self, run_url: str, keep_last: int, keep_best: bool, asynchronous: bool = True,
+                 retries: int = 3, log: Callable[[str], None] = print):
+        self.store = Store(run_url)
+        self.keep_last, self.keep_best = keep_last, keep_best
+        self.asynchronous, self.retries, self.log = asynchronous, retries, log
+        self._thread: threading.Thread | None = None
+        self._writing: int | None = None
+        self.last_saved: int | None = None
+        self.last_error: str | None = None
+
+    # -- finding a checkpoint to resume from -------------------------------------------------
+
+    def valid_steps(self) -> list[int]:
+        return [s for s, complete in list_steps(self.store) if complete]
+
+    def load_newest(self, parts=("model", "optimizer", "rng")) -> Checkpoint | None:
+        """The newest checkpoint that verifies; corrupt ones are reported and skipped, never loaded."""
+        for step in reversed(self.valid_steps()):
+            url = f"{self.store.url}/checkpoints/{step_name(step)}"
+            try:
+                return load(url, parts)
+            except CheckpointError as e:
+                self.log(f"checkpoint: skipping {step_name(step)}: {e}")
+        return None
+
+    def best_url(self) -> str | None:
+        best = None
+        for step in self.valid_steps():
+            meta = json.loads(self.store.read_text(f"checkpoints/{step_name(step)}/meta.json"))
+            if meta.get("val_loss") is not None and (best is None or meta["val_loss"] < best[0]):
+                best = (meta["val_loss"], step)
+        return f"{self.store.url}/checkpoints/{step_name(best[1])}" if best else None
+
+    # -- writing -------------------------------------------------------------------------------
+
+    def save(self, step: int, model: dict, optimizer: dict, rng: list, meta: dict) -> float:
+        """Snapshot now, write in the background. Returns the seconds training was blocked."""
+        t0 = time.perf_counter()
+        self.wait()
+        model, optimizer = _to_host(model), _to_host(optimizer)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()  # the pinned copies above are asynchronous
+        self._writing = step
+        args = (step, model, optimizer, rng, meta)
+        if self.asynchronous:
+            self._thread = threading.Thread(target=self._write_with_retries, args=args, name="checkpoint-writer", daemon=False)
+            self._thread.start()
+        else:
+            self._write_with_retries(*args)
+        return time.perf_counter() - t0
+
+    def wait(self) -> bool:
+        """Wait for the checkpoint in flight; True when the last save landed."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        return self.last_error is None
+
+    def _write_with_retries(self, step, model, optimizer, rng, meta) -> None:
+        for attempt in range(1, self.retries + 1):
+            try:
+                self._write(step, model, optimizer, rng, meta)
+                self.last_saved, self.last_error = step, None
+                self._prune()
+                return
+            except Exception as e:  # storage errors of every library: retry, then report and go on
+                self.last_error = f"{type(e).__name__}: {e}"
+                if attempt < self.retries:
+                    time.sleep(min(30.0, 2.0 ** attempt))
+        self.log(f"checkpoint: FAILED to write {step_name(step)} after {self.retries} attempts: {self.last_error}. "
+                 f"Training goes on; the last good checkpoint is {self.last_saved and step_name(self.last_saved)}")
+        self._writing = None
+
+    def _write(self, step: int, model: dict, optimizer: dict, rng: list, meta: dict) -> None:
+        folder = f"checkpoints/{step_name(step)}"
+        self.store.remove(f"{folder}/{MANIFEST}")  # an older, different checkpoint of the same step stops existing first
+        files = {
+            "model.pt": _serialize(model),
+            "optimizer.pt": _serialize(optimizer),
+            "rng.pt": _serialize(rng),
+            "meta.json": json.dumps(meta, indent=2, sort_keys=True).encode(),
+        }
+        for name, data in files.items():
+            self.store.write_bytes(f"{folder}/{name}", data)
+        manifest = {
+            "format": FORMAT,
+            "step": step,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "files": {n: {"bytes": len(d), "sha256": hashlib.sha256(d).hexdigest()} for n, d in files.items()},
+        }
+        self.store.write_text(f"{folder}/{MANIFEST}", json.dumps(manifest, indent=2))
+        self.store.write_text("checkpoints/LATEST", step_name(step) + "\n")
+        self._writing = None
+        self.log(f"checkpoint: saved {self.store.url}/{folder} ({sum(map(len, files.values())) / 1e6:.1f} MB)")
+
+    def _prune(self) -> None:
+        """Keep the newest keep_last, the best by val loss and final ones; drop the rest and leftovers."""
+        try:
+            steps = list_steps(self.store)
+            valid = [s for s, complete in steps if complete]
+            keep = set(valid[-self.keep_last:])
+            metas = {s: json.loads(self.store.read_text(f"checkpoints/{step_name(s)}/meta.json")) for s in valid}
+            keep |= {s for s, m in metas.items() if m.get("final")}
+            scored = [(m["val_loss"], s) for s, m in metas.items() if m.get("val_loss") is not None]
+            if self.keep_best and scored:
+                keep.add(min(scored)[1])
+            for step, complete in steps:
+                if step in keep or step == self._writing:
+                    continue
+                folder = f"checkpoints/{step_name(step)}"
+                if complete:
+                    self.store.remove(f"{folder}/{MANIFEST}")  # invalid first, so a half-deleted folder is never loaded
+                self.store.remove(folder)
+        except (StorageError, OSError, ValueError) as e:
+            self.log(f"checkpoint: pruning old checkpoints failed ({e}); they stay until the next save")
+
+
+
+def model_state(model: torch.nn.Module) -> dict:
+    # lm_head shares wte's matrix; storing it twice would double the largest tensor.
+    return {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}
+
+
+def load_model_state(model: torch.nn.Module, state: dict, source: str) -> None:
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if set(missing) - {"lm_head.weight"} or unexpected:
+        raise CheckpointError(f"checkpoint '{source}' does not fit the model: missing {sorted(missing)[:3]}, "
+                              f"unexpected {sorted(unexpected)[:3]}")
+
+
+def find(source: str, parts: tuple[str, ...] = ("model",)) -> Checkpoint:
+    """A checkpoint folder, or the newest valid checkpoint of a run directory."""
+    if Store(source).exists(MANIFEST):
+        return load(source, parts)
+    found = Checkpointer(source, keep_last=1, keep_best=False).load_newest(parts)
+    if found is None:
+        raise CheckpointError(f"no valid checkpoint in '{source}' (expected a run directory or a checkpoint folder)")
+    return found
+
+
+def load_for_inference(source: str, device: str = "auto"):
+    """(model in eval mode, tokenizer, config) from a run directory or a checkpoint folder."""
+    from gpt_train.config import from_dict
+    from gpt_train.distributed import World, pick_device
+    from gpt_train.model import GPT
+    from gpt_train.tokenizer import from_identity
+
+    ckpt = find(source)
+    cfg = from_dict(ckpt.meta["config"])
+    model = GPT(cfg.model)
+    load_model_state(model, ckpt.model, ckpt.url)
+    model.to(pick_device(device, World())).eval()
+    return model, from_identity(ckpt.meta["tokenizer"], cfg.data.dir), cfg

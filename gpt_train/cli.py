@@ -1,0 +1,42 @@
+"""`gpt-train COMMAND ...` (also `python -m gpt_train`, so `torchrun -m gpt_train train ...` works).
+
+A UserError anywhere below is printed as one line and exits non-zero: a typo in a config key
+should read like a sentence, not a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from gpt_train.errors import UserError
+
+COMMANDS = {
+    "prepare": ("gpt_train.prepare", "tokenize text into train/val token shards"),
+    "train": ("gpt_train.train", "train (or resume) a run"),
+    "generate": ("gpt_train.sampling", "sample text from a run or checkpoint"),
+    "export": ("gpt_train.export", "write a checkpoint's weights as safetensors"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="gpt-train", description="GPT pretraining from one CPU to a GPU cluster")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    modules = {}
+    for name, (module, help_text) in COMMANDS.items():
+        modules[name] = importlib.import_module(module)
+        modules[name].add_arguments(sub.add_parser(name, help=help_text, description=help_text))
+    args = parser.parse_args(argv)
+    try:
+        return modules[args.command].run(args)
+    except UserError as e:
+        print(f"gpt-train {args.command}: error: {e}", file=sys.stderr, flush=True)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print(f"gpt-train {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

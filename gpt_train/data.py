@@ -1,0 +1,125 @@
+"""Batches from prepared token shards, drawn deterministically from (seed, sample index).
+
+A run consumes a single global stream of samples: sample k is a fixed window of the shards,
+chosen by a per-epoch permutation seeded with (seed, epoch). Optimizer step s uses samples
+[s*G, (s+1)*G) for a global batch of G sequences, and each rank takes its contiguous share of
+them. So the order of tokens does not depend on how many ranks there are, and the loader's only
+state is the index of the next sample: a checkpoint written by 4 ranks resumes on 1 or 8.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from gpt_train.errors import DataError
+
+FORMAT = "gpt-train-tokens/1"
+
+
+def read_meta(data_dir: str) -> dict:
+    if "://" in data_dir and not data_dir.startswith("file://"):
+        raise DataError(f"data.dir '{data_dir}' must be a local path: shards are memory-mapped. "
+                        "Copy the prepared directory to local or shared disk first")
+    path = Path(data_dir.removeprefix("file://")) / "meta.json"
+    if not path.is_file():
+        raise DataError(f"no prepared data in '{data_dir}' (missing {path.name}): "
+                        f"run `gpt-train prepare INPUT... --out {data_dir}`")
+    try:
+        meta = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise DataError(f"'{path}' is not valid JSON ({e.msg}): run `gpt-train prepare --force`") from None
+    if meta.get("format") != FORMAT:
+        raise DataError(f"'{path}' has format {meta.get('format')!r}, expected {FORMAT!r}: prepare the data again")
+    return meta
+
+
+class Split:
+    """One split (train or val) of a prepared directory: its shards as read-only memmaps."""
+
+    def __init__(self, data_dir: str, split: str, seq_len: int):
+        meta = read_meta(data_dir)
+        root = Path(data_dir.removeprefix("file://"))
+        if split not in meta["splits"]:
+            raise DataError(f"'{data_dir}' has no '{split}' split (has: {', '.join(meta['splits'])})")
+        dtype = np.dtype(meta["dtype"])
+        self.shards: list[np.memmap] = []
+        for name in meta["splits"][split]["shards"]:
+            path = root / name
+            if not path.is_file():
+                raise DataError(f"shard '{path}' listed in meta.json is missing: run `gpt-train prepare --force`")
+            if path.stat().st_size % dtype.itemsize:
+                raise DataError(f"shard '{path}' is truncated (size not a multiple of {dtype.itemsize} bytes)")
+            self.shards.append(np.memmap(path, dtype=dtype, mode="r"))
+        self.seq_len = seq_len
+        # A window holds seq_len inputs plus the one-token-shifted target, inside one shard.
+        counts = np.array([max(0, (len(s) - 1) // seq_len) for s in self.shards], dtype=np.int64)
+        self.starts = np.concatenate([[0], np.cumsum(counts)])
+        self.num_windows = int(self.starts[-1])
+        if self.num_windows == 0:
+            tokens = sum(len(s) for s in self.shards)
+            raise DataError(f"the '{split}' split of '{data_dir}' has {tokens} tokens, fewer than one sequence "
+                            f"of {seq_len + 1}: use more data or a smaller train.seq_len")
+        self.tokens = sum(len(s) for s in self.shards)
+
+    def window(self, w: int) -> np.ndarray:
+        shard = int(np.searchsorted(self.starts, w, side="right")) - 1
+        offset = (w - int(self.starts[shard])) * self.seq_len
+        return self.shards[shard][offset : offset + self.seq_len + 1]
+
+    def windows(self, indices) -> torch.Tensor:
+        rows = np.stack([self.window(int(w)) for w in indices]).astype(np.int64)  # (B, T+1)
+        return torch.from_numpy(rows)
+
+
+@lru_cache(maxsize=2)
+def _permutation(num_windows: int, seed: int, epoch: int) -> np.ndarray:
+    return np.random.default_rng([seed, epoch]).permutation(num_windows)
+
+
+class Loader:
+    """Training batches for one rank; `next_sample` (global, rank-independent) is its whole state."""
+
+    def __init__(self, split: Split, seed: int, global_batch: int, micro_batch: int, rank: int, world_size: int):
+        assert global_batch % (micro_batch * world_size) == 0, "validated by config.validate"
+        self.split, self.seed = split, seed
+        self.global_batch, self.micro_batch = global_batch, micro_batch
+        self.rank, self.world_size = rank, world_size
+        self.next_sample = 0
+
+    @property
+    def accum_steps(self) -> int:
+        return self.global_batch // (self.micro_batch * self.world_size)
+
+    def _window_of(self, k: int) -> int:
+        epoch, j = divmod(k, self.split.num_windows)
+        return int(_permutation(self.split.num_windows, self.seed, epoch)[j])
+
+    def next_batch(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The micro-batches of this rank for the next optimizer step: [(x, y)], each (micro_batch, T)."""
+        per_rank = self.global_batch // self.world_size
+        first = self.next_sample + self.rank * per_rank
+        self.next_sample += self.global_batch
+        micro = []
+        for m in range(self.accum_steps):
+            lo = first + m * self.micro_batch
+            rows = self.split.windows([self._window_of(k) for k in range(lo, lo + self.micro_batch)])
+            micro.append((rows[:, :-1], rows[:, 1:]))
+        return micro
+
+    @property
+    def epoch(self) -> float:
+        return self.next_sample / self.split.num_windows
+
+
+def eval_batches(split: Split, batches: int, micro_batch: int, rank: int, world_size: int):
+    """A fixed, ordered subset of the split, so that every evaluation measures the same tokens."""
+    total = min(batches * micro_batch, split.num_windows)
+    mine = list(range(rank, total, world_size))
+    for i in range(0, len(mine), micro_batch):
+        rows = split.windows(mine[i : i + micro_batch])
+        yield rows[:, :-1], rows[:, 1:]

@@ -1,0 +1,35 @@
+"""AdamW with decay on matrices only, and the learning-rate schedule (a pure function of the step)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from gpt_train.config import Config
+
+
+def build_optimizer(model: torch.nn.Module, cfg: Config, device_type: str) -> torch.optim.AdamW:
+    params = [p for p in model.parameters() if p.requires_grad]
+    # Norm gains, biases and nothing else are vectors; decaying them toward zero only hurts.
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [
+        {"params": decay, "weight_decay": cfg.optim.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    o = cfg.optim
+    return torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, fused=device_type == "cuda")
+
+
+def lr_at(step: int, cfg: Config) -> float:
+    """Linear warmup to optim.lr, cosine decay to schedule.min_lr at decay_steps, then the floor."""
+    peak, floor = cfg.optim.lr, cfg.schedule.min_lr
+    warmup = cfg.schedule.warmup_steps
+    decay_end = cfg.schedule.decay_steps or cfg.train.max_steps
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    if step >= decay_end:
+        return floor
+    progress = (step - warmup) / max(1, decay_end - warmup)
+    return floor + 0.5 * (1.0 + math.cos(math.pi * progress)) * (peak - floor)

@@ -1,0 +1,107 @@
+"""Files of a run on any fsspec URL: a local path, file://, s3://, gs://, memory://.
+
+Object stores have no rename and no append. So a write here is a whole-object put (atomic on
+every object store) and, on local disk, a write to a temporary name followed by a rename.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import uuid
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+from gpt_train.errors import StorageError
+
+
+class Store:
+    """A folder at a URL. Paths given to its methods are relative to it."""
+
+    def __init__(self, url: str):
+        self.url = url.rstrip("/")
+        try:
+            self.fs, self.root = fsspec.core.url_to_fs(self.url)
+        except ImportError as e:
+            raise StorageError(f"cannot open '{url}': {e} (install gpt-train[s3] or gpt-train[gcs])") from None
+        except ValueError as e:
+            raise StorageError(f"cannot open '{url}': {e}") from None
+        self.local = isinstance(self.fs, LocalFileSystem)
+
+    def path(self, rel: str = "") -> str:
+        return f"{self.root}/{rel}" if rel else self.root
+
+    def child(self, rel: str) -> "Store":
+        return Store(f"{self.url}/{rel}")
+
+    def _fail(self, action: str, rel: str, e: Exception) -> StorageError:
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            return StorageError(f"no space left on device writing '{self.url}/{rel}'")
+        return StorageError(f"cannot {action} '{self.url}/{rel}': {type(e).__name__}: {e}")
+
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        target = self.path(rel)
+        try:
+            if self.local:
+                os.makedirs(os.path.dirname(target), exist_ok=True)
+                tmp = f"{target}.tmp-{uuid.uuid4().hex[:8]}"
+                try:
+                    with open(tmp, "wb") as f:
+                        f.write(data)
+                        f.flush()
+                        os.fsync(f.fileno())
+                    os.replace(tmp, target)
+                finally:
+                    if os.path.exists(tmp):
+                        os.unlink(tmp)
+            else:
+                self.fs.pipe_file(target, data)
+        except Exception as e:
+            raise self._fail("write", rel, e) from None
+
+    def write_text(self, rel: str, text: str) -> None:
+        self.write_bytes(rel, text.encode())
+
+    def read_bytes(self, rel: str) -> bytes:
+        try:
+            return self.fs.cat_file(self.path(rel))
+        except FileNotFoundError:
+            raise
+        except Exception as e:
+            raise self._fail("read", rel, e) from None
+
+    def read_text(self, rel: str) -> str:
+        return self.read_bytes(rel).decode()
+
+    def exists(self, rel: str = "") -> bool:
+        try:
+            return self.fs.exists(self.path(rel))
+        except Exception as e:
+            raise self._fail("reach", rel, e) from None
+
+    def listdir(self, rel: str = "") -> list[str]:
+        """Names directly under rel; [] when it does not exist."""
+        try:
+            self.fs.invalidate_cache(self.path(rel))
+            entries = self.fs.ls(self.path(rel), detail=False)
+        except FileNotFoundError:
+            return []
+        except Exception as e:
+            raise self._fail("list", rel, e) from None
+        return sorted(e.rstrip("/").rsplit("/", 1)[-1] for e in entries)
+
+    def size(self, rel: str) -> int:
+        return self.fs.size(self.path(rel))
+
+    def remove(self, rel: str) -> None:
+        try:
+            self.fs.rm(self.path(rel), recursive=True)
+        except FileNotFoundError:
+            pass
+
+    def check_writable(self) -> None:
+        """Fail before training starts, not at the first checkpoint an hour later."""
+        probe = f".write-test-{uuid.uuid4().hex[:8]}"
+        self.write_bytes(probe, b"ok")
+        self.remove(probe)

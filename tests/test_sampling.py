@@ -1,0 +1,175 @@
+"""Sampling: greedy is the argmax chain, seeds reproduce, filters degenerate to greedy, eot and context limits hold."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import types
+
+import pytest
+import torch
+
+from gpt_train.config import Config, ModelConfig
+from gpt_train.model import GPT
+from gpt_train.sampling import _filter_logits, add_arguments, run, sample
+
+VOCAB, BLOCK = 50, 16
+
+
+@pytest.fixture(scope="module")
+def model() -> GPT:
+    torch.manual_seed(0)
+    return GPT(ModelConfig(n_layer=1, n_head=2, n_embd=32, block_size=BLOCK, vocab_size=VOCAB)).eval()
+
+
+def _seeded(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def test_greedy_is_the_argmax_chain(model):
+    prompt = [1, 2, 3]
+    idx = torch.tensor([prompt])
+    expected = []
+    with torch.no_grad():
+        for _ in range(3):
+            logits, _ = model(idx)
+            nxt = int(logits[0, -1].argmax())
+            expected.append(nxt)
+            idx = torch.cat([idx, torch.tensor([[nxt]])], dim=1)
+    got = sample(model, prompt, 3, temperature=0.0, num_samples=2)
+    assert got == [expected, expected]
+    assert sample(model, prompt, 3, temperature=0.0) == [expected]
+
+
+def test_same_seed_same_samples_different_seed_different(model):
+    a = sample(model, [5], 20, num_samples=3, generator=_seeded(1))
+    b = sample(model, [5], 20, num_samples=3, generator=_seeded(1))
+    c = sample(model, [5], 20, num_samples=3, generator=_seeded(2))
+    assert a == b
+    assert a != c
+    assert len({tuple(s) for s in a}) == 3  # the batched samples are not copies of one another
+
+
+def test_top_k_1_and_tiny_top_p_are_greedy(model):
+    greedy = sample(model, [7, 8], 10, temperature=0.0, num_samples=2)
+    assert sample(model, [7, 8], 10, top_k=1, num_samples=2, generator=_seeded(3)) == greedy
+    assert sample(model, [7, 8], 10, top_p=1e-6, num_samples=2, generator=_seeded(3)) == greedy
+
+
+def test_filters_keep_the_right_tokens():
+    logits = torch.tensor([[0.125, 0.5, 0.125, 0.25]]).log()  # softmax gives these probabilities back
+    kept = lambda top_k, top_p: torch.isfinite(_filter_logits(logits, top_k, top_p))[0].tolist()  # noqa: E731
+    assert kept(2, 1.0) == [False, True, False, True]
+    assert kept(0, 0.4) == [False, True, False, False]  # the top token alone already reaches p
+    assert kept(0, 0.7) == [False, True, False, True]  # smallest set with mass >= p
+    kept_80 = kept(0, 0.8)  # needs one of the two tied 0.125 tokens, whichever the sort ranks first
+    assert kept_80[1] and kept_80[3] and sum(kept_80) == 3
+    assert kept(0, 0.9) == [True] * 4
+    assert kept(0, 1.0) == [True] * 4
+
+
+def test_context_longer_than_block_size_is_cropped(model):
+    prompt = list(range(40))
+    long = sample(model, prompt, 5, temperature=0.0)
+    assert long == sample(model, prompt[-BLOCK:], 5, temperature=0.0)
+
+
+def test_stops_at_eot(model):
+    full = sample(model, [1], 8, temperature=0.0)[0]
+    eot = full[3]
+    assert sample(model, [1], 8, temperature=0.0, eot=eot) == [full[: full.index(eot)]]
+    # Batched samples stop at different steps; each is cut at its own first eot, none contains it.
+    samples = sample(model, [1], 30, num_samples=8, generator=_seeded(0), eot=0)
+    free = sample(model, [1], 30, num_samples=8, generator=_seeded(0))
+    for cut, whole in zip(samples, free):
+        assert 0 not in cut and whole[: len(cut)] == cut
+
+
+def test_restores_train_mode_and_tracks_no_grad(model):
+    model.train()
+    try:
+        out = sample(model, [1], 2, generator=_seeded(0))
+        assert model.training
+    finally:
+        model.eval()
+    assert len(out[0]) == 2
+    sample(model, [1], 2, generator=_seeded(0))
+    assert not model.training
+
+
+def test_rejects_empty_prompt_and_bad_settings(model):
+    with pytest.raises(ValueError, match="at least one token"):
+        sample(model, [], 2)
+    with pytest.raises(ValueError, match="top_p=0"):
+        sample(model, [1], 2, top_p=0.0)
+
+
+class _CharTokenizer:
+    eot = VOCAB - 1
+
+    def encode(self, text: str) -> list[int]:
+        return [ord(c) % (VOCAB - 1) for c in text]
+
+    def decode(self, ids: list[int]) -> str:
+        return "".join(chr(ord("a") + i % 26) for i in ids)
+
+
+def _parse(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def test_cli_prints_each_sample(model, monkeypatch, capsys):
+    loaded = []
+
+    def load_for_inference(source: str, device: str):
+        loaded.append((source, device))
+        return model, _CharTokenizer(), Config()
+
+    monkeypatch.setitem(sys.modules, "gpt_train.checkpoint",
+                        types.SimpleNamespace(load_for_inference=load_for_inference))
+    args = _parse(["runs/x", "--prompt", "hi", "--max-new-tokens", "4", "--num-samples", "2", "--temperature",
+                   "0", "--device", "cpu"])
+    assert run(args) == 0
+    assert loaded == [("runs/x", "cpu")]
+    lines = capsys.readouterr().out.splitlines()
+    greedy = _CharTokenizer().decode(sample(model, _CharTokenizer().encode("hi"), 4, temperature=0.0)[0])
+    assert lines == ["----- sample 1 -----", "hi" + greedy, "----- sample 2 -----", "hi" + greedy]
+
+
+def test_cli_seed_reproduces(model, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "gpt_train.checkpoint",
+                        types.SimpleNamespace(load_for_inference=lambda source, device: (model, _CharTokenizer(), None)))
+    outputs = []
+    for seed in ("1", "1", "2"):
+        run(_parse(["ckpt", "--max-new-tokens", "12", "--seed", seed, "--device", "cpu"]))
+        outputs.append(capsys.readouterr().out)
+    assert outputs[0] == outputs[1] != outputs[2]
+
+
+@pytest.mark.parametrize("argv", [
+    [],  # neither a run nor --hf
+    ["runs/x", "--hf", "dir"],  # both
+    ["runs/x", "--top-p", "0"],
+    ["runs/x", "--top-p", "1.5"],
+    ["runs/x", "--temperature", "-1"],
+    ["runs/x", "--num-samples", "0"],
+    ["runs/x", "--top-k", "x"],
+])
+def test_cli_rejects_bad_arguments(argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        _parse(argv)
+    assert exit_info.value.code == 2
+
+
+def test_cli_samples_from_hugging_face_dir(monkeypatch, tmp_path, capsys):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_layer=1, n_head=2, n_embd=32, n_positions=BLOCK, vocab_size=VOCAB,
+                                     bos_token_id=VOCAB - 1, eos_token_id=VOCAB - 1)
+    transformers.GPT2LMHeadModel(config).save_pretrained(tmp_path)
+    monkeypatch.setitem(sys.modules, "gpt_train.tokenizer", types.SimpleNamespace(gpt2=_CharTokenizer))
+    assert run(_parse(["--hf", str(tmp_path), "--prompt", "", "--max-new-tokens", "3", "--device", "cpu"])) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "----- sample 1 -----" and len(lines) == 2
