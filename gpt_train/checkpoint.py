@@ -210,7 +210,8 @@ class Checkpointer:
                 if attempt < self.retries:
                     time.sleep(min(30.0, 2.0 ** attempt))
         self.log(f"checkpoint: FAILED to write {step_name(step)} after {self.retries} attempts: {self.last_error}. "
-                 f"Training goes on; the last good checkpoint is {self.last_saved and step_name(self.last_saved)}")
+                 "Training goes on; the last good checkpoint is "
+                 + (step_name(self.last_saved) if self.last_saved is not None else "none yet"))
         self._writing = None
 
     def _write(self, step: int, model: dict, optimizer: dict, rng: list, meta: dict) -> None:

@@ -108,7 +108,7 @@ class Loader:
         for m in range(self.accum_steps):
             lo = first + m * self.micro_batch
             rows = self.split.windows([self._window_of(k) for k in range(lo, lo + self.micro_batch)])
-            micro.append((rows[:, :-1], rows[:, 1:]))
+            micro.append((rows[:, :-1].contiguous(), rows[:, 1:].contiguous()))
         return micro
 
     @property
@@ -122,4 +122,4 @@ def eval_batches(split: Split, batches: int, micro_batch: int, rank: int, world_
     mine = list(range(rank, total, world_size))
     for i in range(0, len(mine), micro_batch):
         rows = split.windows(mine[i : i + micro_batch])
-        yield rows[:, :-1], rows[:, 1:]
+        yield rows[:, :-1].contiguous(), rows[:, 1:].contiguous()

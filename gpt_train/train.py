@@ -201,9 +201,9 @@ def _train(cfg: Config, world: distributed.World, device: torch.device, backend:
     def sample_text() -> str:
         from gpt_train.sampling import sample
         gen = torch.Generator(device=device).manual_seed(t.seed + step)  # leaves the training RNG untouched
-        ids = sample(raw_model, tokenizer.encode(t.sample_prompt), t.sample_tokens, temperature=0.8, top_k=200,
-                     generator=gen, eot=tokenizer.eot)[0]
-        return tokenizer.decode(ids)
+        prompt = tokenizer.encode(t.sample_prompt) or [tokenizer.eot]
+        ids = sample(raw_model, prompt, t.sample_tokens, temperature=0.8, top_k=200, generator=gen, eot=tokenizer.eot)[0]
+        return t.sample_prompt + tokenizer.decode(ids)
 
     def save(val_loss: float | None, final: bool = False) -> None:
         rngs = distributed.all_gather_object(rng_state())

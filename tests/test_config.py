@@ -1,0 +1,75 @@
+import pytest
+
+from gpt_train.config import Config, dump, from_dict, load_config, resolve_config_path, to_dict
+from gpt_train.errors import ConfigError
+
+
+def test_presets_load_and_old_tool_paths_resolve():
+    for name in ("default", "gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"):
+        load_config(name)
+    large = load_config("configs/gpt2-large.yaml")
+    assert (large.model.n_layer, large.model.n_head, large.model.n_embd) == (36, 20, 1280)
+    assert resolve_config_path("config/gpt2-large.yaml") == resolve_config_path("gpt2-large")
+    # extends: gpt2-large inherits the data and schedule of gpt2
+    assert large.data.dir == load_config("gpt2").data.dir
+
+
+def test_overrides_dotted_unique_leaf_and_alias():
+    cfg = load_config("gpt2", ["optim.lr=3e-4", "compile=false", "max_iters=10", "batch_size=8"])
+    assert cfg.optim.lr == 3e-4 and cfg.train.compile is False
+    assert cfg.train.max_steps == 10 and cfg.train.micro_batch == 8
+
+
+@pytest.mark.parametrize("override, message", [
+    ("optim.lrr=1", "unknown config key 'optim.lrr'; did you mean 'optim.lr'?"),
+    ("learnig_rate=1", "did you mean 'learning_rate'?"),
+    ("n_layers=3", "did you mean 'n_layer'?"),
+    ("micro_batch=eight", "config key 'train.micro_batch' expects int, got 'eight'"),
+    ("compile=maybe", "config key 'train.compile' expects bool"),
+    ("precision=fp8", "config key 'train.precision' must be one of auto, fp32, bf16, fp16"),
+    ("train.seq_len=4096", "config key 'train.seq_len' (4096) is above model.block_size (1024)"),
+    ("micro_batch=7", "config key 'train.batch_tokens' (491520) must be a multiple of"),
+    ("n_head=7", "must be divisible by model.n_head"),
+    ("lr", "must look like key=value"),
+])
+def test_bad_values_name_the_key(override, message):
+    with pytest.raises(ConfigError) as e:
+        load_config("gpt2", [override])
+    assert message in str(e.value)
+
+
+def test_batch_must_divide_over_ranks():
+    from gpt_train.config import validate
+    cfg = load_config("default")
+    validate(cfg, world_size=1)
+    with pytest.raises(ConfigError, match="x 3 ="):
+        validate(cfg, world_size=3)
+
+
+def test_extends_chain_and_cycles(tmp_path):
+    (tmp_path / "base.yaml").write_text("extends: gpt2\ntrain:\n  max_steps: 5\n")
+    (tmp_path / "child.yaml").write_text("extends: base.yaml\noptim:\n  lr: 1.0e-4\n")
+    cfg = load_config(str(tmp_path / "child.yaml"))
+    assert cfg.train.max_steps == 5 and cfg.optim.lr == 1e-4 and cfg.model.n_layer == 12
+    (tmp_path / "a.yaml").write_text("extends: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("extends: a.yaml\n")
+    with pytest.raises(ConfigError, match="extends itself"):
+        load_config(str(tmp_path / "a.yaml"))
+
+
+def test_unknown_key_in_yaml_file(tmp_path):
+    (tmp_path / "c.yaml").write_text("train:\n  max_step: 5\n")
+    with pytest.raises(ConfigError, match="did you mean 'train.max_steps'"):
+        load_config(str(tmp_path / "c.yaml"))
+
+
+def test_missing_config_suggests_preset():
+    with pytest.raises(ConfigError, match="did you mean preset 'gpt2-large'"):
+        load_config("gpt2-lrage")
+
+
+def test_round_trip_through_dict():
+    cfg = load_config("gpt2-xl", ["lr=1e-4"])
+    assert from_dict(to_dict(cfg)) == cfg
+    assert "n_layer: 48" in dump(cfg)
+    assert Config().seq_len == 1024

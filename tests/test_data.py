@@ -1,0 +1,76 @@
+import numpy as np
+import pytest
+import torch
+
+from gpt_train import data
+from gpt_train.errors import DataError
+from helpers import tiny_data  # noqa: F401
+
+
+def batch_rows(split, seed, global_batch, micro, world, steps):
+    """Every sequence each step uses, in global order, gathered from all ranks."""
+    loaders = [data.Loader(split, seed, global_batch, micro, r, world) for r in range(world)]
+    out = []
+    for _ in range(steps):
+        rows = []
+        for loader in loaders:
+            rows += [x for x, _ in loader.next_batch()]
+        out.append(torch.cat(rows))
+    return out
+
+
+def test_token_stream_does_not_depend_on_rank_count(tiny_data):
+    split = data.Split(tiny_data, "train", 16)
+    one = batch_rows(split, 7, global_batch=8, micro=4, world=1, steps=5)
+    two = batch_rows(split, 7, global_batch=8, micro=2, world=2, steps=5)
+    four = batch_rows(split, 7, global_batch=8, micro=1, world=4, steps=5)
+    for a, b, c in zip(one, two, four):
+        assert torch.equal(a, b) and torch.equal(a, c)
+
+
+def test_targets_are_inputs_shifted_and_position_is_the_whole_state(tiny_data):
+    split = data.Split(tiny_data, "train", 16)
+    loader = data.Loader(split, 1, 8, 4, 0, 1)
+    (x, y), _ = loader.next_batch()
+    assert torch.equal(x[:, 1:], y[:, :-1])
+    for _ in range(3):
+        loader.next_batch()
+    expected = loader.next_batch()
+    resumed = data.Loader(split, 1, 8, 4, 0, 1)
+    resumed.next_sample = 4 * 8
+    for (a, b), (c, d) in zip(expected, resumed.next_batch()):
+        assert torch.equal(a, c) and torch.equal(b, d)
+
+
+def test_epochs_visit_every_window_once(tiny_data):
+    split = data.Split(tiny_data, "train", 16)
+    loader = data.Loader(split, 3, 1, 1, 0, 1)
+    seen = [loader._window_of(k) for k in range(split.num_windows)]
+    assert sorted(seen) == list(range(split.num_windows))
+    assert seen != [loader._window_of(k) for k in range(split.num_windows, 2 * split.num_windows)]
+
+
+def test_eval_batches_are_fixed_and_split_over_ranks(tiny_data):
+    split = data.Split(tiny_data, "val", 16)
+    single = torch.cat([x for x, _ in data.eval_batches(split, 2, 4, 0, 1)])
+    parts = [torch.cat([x for x, _ in data.eval_batches(split, 2, 4, r, 2)]) for r in range(2)]
+    assert len(single) == 8 and sum(len(p) for p in parts) == 8
+    assert sorted(map(tuple, single.tolist())) == sorted(map(tuple, torch.cat(parts).tolist()))
+
+
+def test_missing_and_broken_data_are_clear_errors(tmp_path, tiny_data):
+    with pytest.raises(DataError, match="no prepared data in .* run `gpt-train prepare"):
+        data.read_meta(str(tmp_path / "nothing"))
+    with pytest.raises(DataError, match="must be a local path"):
+        data.read_meta("s3://bucket/data")
+    with pytest.raises(DataError, match="fewer than one sequence"):
+        data.Split(tiny_data, "val", 10**7 // 2)
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "meta.json").write_text('{"format": "gpt-train-tokens/1", "dtype": "uint16", "tokenizer": {}, '
+                                      '"splits": {"train": {"shards": ["train-00000.bin"], "tokens": 3}}}')
+    with pytest.raises(DataError, match="is missing"):
+        data.Split(str(broken), "train", 4)
+    np.zeros(3, dtype=np.uint8).tofile(broken / "train-00000.bin")
+    with pytest.raises(DataError, match="truncated"):
+        data.Split(str(broken), "train", 4)

@@ -1,0 +1,101 @@
+"""The training entrypoint end to end, as a user runs it: a real process, real files."""
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from helpers import cli, losses, read_metrics, tiny_data, train_args  # noqa: F401
+
+
+def one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> str:
+    assert result.returncode != 0, result.stdout[-2000:]
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    return lines[0]
+
+
+def test_tiny_run_learns_writes_its_records_and_samples(tmp_path, tiny_data):
+    run = tmp_path / "run"
+    result = cli(*train_args(tiny_data, str(run), "max_steps=30", "eval_interval=10"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = result.stdout
+    for expected in ("world: 1 rank(s)", "device: cpu", "model:", "no checkpoint found: starting fresh",
+                     "sample at step 30:", "done: step 30"):
+        assert expected in out
+    train_loss = losses(run)
+    assert sorted(train_loss) == list(range(1, 31))
+    assert sum(train_loss[s] for s in range(26, 31)) / 5 < train_loss[1] - 1.5
+    val = [r["val_loss"] for r in read_metrics(run) if "val_loss" in r]
+    assert len(val) == 3 and val[-1] < val[0]
+    assert (run / "config.yaml").read_text().count("n_embd: 32") == 1
+    assert (run / "checkpoints" / "LATEST").read_text().strip() == "step-00000030"
+
+
+def test_second_start_of_a_finished_run_does_nothing(tmp_path, tiny_data):
+    run = tmp_path / "run"
+    assert cli(*train_args(tiny_data, str(run), "max_steps=4")).returncode == 0
+    again = cli(*train_args(tiny_data, str(run), "max_steps=4"))
+    assert again.returncode == 0 and "run already complete at step 4/4" in again.stdout
+
+
+@pytest.mark.parametrize("extra, fragments", [
+    (["optim.lrr=1"], ["unknown config key 'optim.lrr'", "did you mean 'optim.lr'?"]),
+    (["max_steps=ten"], ["config key 'train.max_steps' expects int"]),
+    (["model.vocab_size=1000"], ["model.vocab_size' is 1000", "gpt2 (50257 tokens)"]),
+])
+def test_bad_input_is_one_clear_line(tmp_path, tiny_data, extra, fragments):
+    one_line_error(cli(*train_args(tiny_data, str(tmp_path / "run"), *extra)), *fragments)
+    assert not (tmp_path / "run").exists()
+
+
+def test_missing_data_is_one_clear_line(tmp_path):
+    one_line_error(cli(*train_args(str(tmp_path / "nope"), str(tmp_path / "run"))), "no prepared data in", "gpt-train prepare")
+
+
+def test_checkpoint_of_another_model_is_refused_before_training(tmp_path, tiny_data):
+    run = tmp_path / "run"
+    assert cli(*train_args(tiny_data, str(run), "max_steps=2")).returncode == 0
+    before = sorted(p.name for p in (run / "checkpoints").iterdir())
+    result = cli(*train_args(tiny_data, str(run), "max_steps=4", "model.n_embd=64"))
+    one_line_error(result, "is of another model", "model.n_embd: checkpoint 32, config 64")
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == before
+
+
+def test_resume_none_refuses_to_overwrite(tmp_path, tiny_data):
+    run = tmp_path / "run"
+    assert cli(*train_args(tiny_data, str(run), "max_steps=2")).returncode == 0
+    one_line_error(cli(*train_args(tiny_data, str(run), "max_steps=2", "resume=none")), "already has checkpoints")
+    fresh = cli(*train_args(tiny_data, str(run), "max_steps=2", "resume=none", "overwrite=true"))
+    assert fresh.returncode == 0 and "old checkpoints removed" in fresh.stdout
+
+
+def test_unreachable_bucket_is_one_clear_line(tmp_path, tiny_data):
+    env = {"AWS_ENDPOINT_URL": "http://127.0.0.1:9", "AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "y",
+           "AWS_MAX_ATTEMPTS": "1", "AWS_DEFAULT_REGION": "us-east-1"}
+    result = cli(*train_args(tiny_data, "s3://no-such-bucket/run"), env=env)
+    one_line_error(result, "s3://no-such-bucket/run")
+
+
+@pytest.mark.skipif(os.geteuid() != 0 and os.environ.get("CI") != "true", reason="mounting a small tmpfs needs root")
+def test_full_disk_is_reported_and_the_last_good_checkpoint_survives(tmp_path, tiny_data):
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=28m", "tmpfs", str(mnt)], check=True)
+    try:
+        run = mnt / "run"
+        # A checkpoint of the tiny model (weights and AdamW state) is ~19 MB: the first fits, the second does not.
+        result = cli(*train_args(tiny_data, str(run), "max_steps=4", "checkpoint.interval=2"))
+        assert result.returncode != 0
+        assert "Traceback" not in result.stderr + result.stdout
+        assert "no space left on device" in result.stdout
+        assert "the last good checkpoint is step-00000002" in result.stdout
+        from gpt_train.checkpoint import Checkpointer
+        assert Checkpointer(str(run), 3, True).load_newest().step == 2
+    finally:
+        subprocess.run(["umount", str(mnt)], check=False)
