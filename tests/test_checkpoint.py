@@ -1,0 +1,245 @@
+"""Checkpoints: never half-written, verified before loading, and an exact resume after a real kill -9."""
+
+import json
+import os
+import pickle
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from gpt_train import checkpoint
+from gpt_train.checkpoint import Checkpointer, load, step_name
+from gpt_train.errors import CheckpointError
+from gpt_train.storage import Store
+from helpers import REPO, cli, losses, tiny_data, train_args  # noqa: F401
+
+
+def state(step: int) -> tuple[dict, dict, list, dict]:
+    """Contents that identify the step they were saved at."""
+    g = torch.Generator().manual_seed(step)
+    model = {"w": torch.randn(64, 64, generator=g), "b": torch.full((64,), float(step))}
+    return model, {"optimizer": {"state": {}, "param_groups": []}, "scaler": None}, [{"rank": 0}], {"step": step, "val_loss": None}
+
+
+def save(ck: Checkpointer, step: int, val_loss=None, final=False) -> None:
+    model, opt, rng, meta = state(step)
+    ck.save(step, model, opt, rng, {**meta, "val_loss": val_loss, "final": final})
+    assert ck.wait(), ck.last_error
+
+
+@pytest.fixture
+def mem_run():
+    url = f"memory://runs/{random.getrandbits(64):x}"
+    yield url
+    Store(url).remove("")
+
+
+def test_layout_manifest_and_latest(mem_run):
+    ck = Checkpointer(mem_run, keep_last=3, keep_best=True, log=lambda m: None)
+    save(ck, 7)
+    store = Store(mem_run)
+    assert store.listdir("checkpoints") == ["LATEST", "step-00000007"]
+    assert store.read_text("checkpoints/LATEST").strip() == "step-00000007"
+    files = store.listdir("checkpoints/step-00000007")
+    assert files == ["MANIFEST.json", "meta.json", "model.pt", "optimizer.pt", "rng.pt"]
+    manifest = json.loads(store.read_text("checkpoints/step-00000007/MANIFEST.json"))
+    assert set(manifest["files"]) == {"meta.json", "model.pt", "optimizer.pt", "rng.pt"}
+    loaded = load(f"{mem_run}/checkpoints/step-00000007")
+    assert torch.equal(loaded.model["w"], state(7)[0]["w"]) and loaded.step == 7
+
+
+def test_corrupt_or_unfinished_checkpoints_are_skipped(mem_run):
+    ck = Checkpointer(mem_run, keep_last=5, keep_best=False, log=lambda m: None)
+    for s in (1, 2, 3):
+        save(ck, s)
+    store = Store(mem_run)
+    data = bytearray(store.read_bytes("checkpoints/step-00000003/model.pt"))
+    data[-10] ^= 0xFF
+    store.write_bytes("checkpoints/step-00000003/model.pt", bytes(data))  # a flipped bit
+    store.remove("checkpoints/step-00000002/MANIFEST.json")  # a writer that died before its manifest
+    store.write_bytes("checkpoints/step-00000009/model.pt", b"partial")  # and one that died early
+    logs = []
+    found = Checkpointer(mem_run, 5, False, log=logs.append).load_newest()
+    assert found.step == 1
+    assert any("skipping step-00000003" in m and "corrupt" in m for m in logs)
+    with pytest.raises(CheckpointError, match="has no MANIFEST.json"):
+        load(f"{mem_run}/checkpoints/step-00000002")
+
+
+def test_retention_keeps_last_best_and_final(mem_run):
+    ck = Checkpointer(mem_run, keep_last=2, keep_best=True, log=lambda m: None)
+    save(ck, 1, val_loss=5.0)
+    save(ck, 2, val_loss=3.0)  # the best
+    save(ck, 3, val_loss=4.0, final=True)
+    for s in (4, 5, 6):
+        save(ck, s, val_loss=4.5)
+    Store(mem_run).write_bytes("checkpoints/step-00000000/model.pt", b"leftover of a killed writer")
+    save(ck, 7, val_loss=4.5)
+    assert ck.valid_steps() == [2, 3, 6, 7]
+    assert [s for s, _ in checkpoint.list_steps(ck.store)] == [2, 3, 6, 7]
+    assert ck.best_url().endswith("step-00000002")
+
+
+def test_foreign_pickle_is_refused(mem_run):
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+
+    ck = Checkpointer(mem_run, keep_last=1, keep_best=False, log=lambda m: None)
+    save(ck, 1)
+    store = Store(mem_run)
+    payload = pickle.dumps(Evil())
+    store.write_bytes("checkpoints/step-00000001/model.pt", payload)
+    manifest = json.loads(store.read_text("checkpoints/step-00000001/MANIFEST.json"))
+    import hashlib
+    manifest["files"]["model.pt"] = {"bytes": len(payload), "sha256": hashlib.sha256(payload).hexdigest()}
+    store.write_text("checkpoints/step-00000001/MANIFEST.json", json.dumps(manifest))
+    with pytest.raises(CheckpointError, match="not a gpt-train checkpoint file"):
+        load(f"{mem_run}/checkpoints/step-00000001")
+    with pytest.raises(CheckpointError, match="not a gpt-train checkpoint"):
+        Store(mem_run).write_text("other/MANIFEST.json", "{}")
+        load(f"{mem_run}/other")
+
+
+def test_failed_upload_is_retried_then_reported_and_training_state_kept(mem_run, monkeypatch):
+    logs = []
+    ck = Checkpointer(mem_run, keep_last=2, keep_best=False, retries=2, log=logs.append)
+    save(ck, 1)
+    calls = {"n": 0}
+    real = Store.write_bytes
+
+    def flaky(self, rel, data):
+        calls["n"] += 1
+        raise OSError("connection reset")
+
+    monkeypatch.setattr(Store, "write_bytes", flaky)
+    monkeypatch.setattr(time, "sleep", lambda s: None)
+    model, opt, rng, meta = state(2)
+    ck.save(2, model, opt, rng, meta)
+    assert not ck.wait() and calls["n"] == 2
+    assert any("FAILED to write step-00000002" in m and "last good checkpoint is step-00000001" in m for m in logs)
+    monkeypatch.setattr(Store, "write_bytes", real)
+    assert ck.load_newest().step == 1
+
+
+def test_save_snapshots_so_training_can_change_the_weights_at_once(mem_run):
+    ck = Checkpointer(mem_run, keep_last=1, keep_best=False, log=lambda m: None)
+    weights = {"w": torch.zeros(512, 512)}
+    ck.save(1, weights, {}, [], {"step": 1})
+    weights["w"].add_(1.0)  # the next optimizer step, while the writer runs
+    assert ck.wait()
+    assert torch.count_nonzero(load(f"{mem_run}/checkpoints/step-00000001").model["w"]) == 0
+
+
+WRITER = textwrap.dedent("""
+    import sys, torch
+    from gpt_train.checkpoint import Checkpointer
+    ck = Checkpointer(sys.argv[1], keep_last=2, keep_best=False, asynchronous=True, log=lambda m: None)
+    step = int(sys.argv[2])
+    while True:
+        step += 1
+        g = torch.Generator().manual_seed(step)
+        ck.save(step, {"w": torch.randn(256, 1024, generator=g)}, {}, [], {"step": step})
+""")
+
+
+def test_kill_at_random_points_during_saves_always_leaves_a_valid_checkpoint(tmp_path):
+    run = tmp_path / "run"
+    rng = random.Random(0)
+    deadline = time.monotonic() + 60
+    trials = 0
+    last = 0
+    while trials < 12 and time.monotonic() < deadline:
+        proc = subprocess.Popen([sys.executable, "-c", WRITER, str(run), str(last)], cwd=REPO)
+        time.sleep(rng.uniform(1.5, 3.0))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        trials += 1
+        found = Checkpointer(str(run), 2, False, log=lambda m: None).load_newest()
+        if found is None:  # killed before the first save of the first trial completed
+            assert trials == 1
+            continue
+        expected = torch.randn(256, 1024, generator=torch.Generator().manual_seed(found.step))
+        assert torch.equal(found.model["w"], expected)
+        assert found.step >= last
+        last = found.step
+    assert trials >= 5 and last > 0
+
+
+def test_kill_9_then_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path, tiny_data):
+    steps = ["max_steps=12", "checkpoint.interval=3", "eval_interval=6", "sample_tokens=4"]
+    ref = tmp_path / "ref"
+    assert cli(*train_args(tiny_data, str(ref), *steps)).returncode == 0
+
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "gpt_train", *train_args(tiny_data, str(run), *steps)]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    for line in proc.stdout:
+        if "step      8/12" in line:  # past the checkpoint of step 6, before the one of step 9
+            proc.send_signal(signal.SIGKILL)
+            break
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert max(losses(run)) >= 7  # steps after the checkpoint were done and will be redone
+
+    resumed = cli(*train_args(tiny_data, str(run), *steps))
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resuming from" in resumed.stdout and "(step 6)" in resumed.stdout
+    assert losses(run) == losses(ref)  # every step, exactly, and none counted twice
+    a = load(f"{ref}/checkpoints/step-00000012")
+    b = load(f"{run}/checkpoints/step-00000012")
+    assert a.model.keys() == b.model.keys()
+    assert all(torch.equal(a.model[k], b.model[k]) for k in a.model)
+    events = [json.loads(x)["event"] for x in Path(run, "events.jsonl").read_text().splitlines()]
+    assert events == ["start", "resume", "finish"]
+
+    # the same run exported and sampled, from the run directory (its latest checkpoint)
+    out = tmp_path / "model.safetensors"
+    assert cli("export", str(run), str(out)).returncode == 0
+    exported = load_file(str(out))
+    assert all(torch.equal(exported[k], b.model[k]) for k in b.model)
+    sampled = cli("generate", str(run), "--prompt", "Call me", "--max-new-tokens", "5", "--seed", "1")
+    assert sampled.returncode == 0 and sampled.stdout.count("Call me") == 1
+
+
+@pytest.mark.s3
+def test_s3_run_resumes_and_survives_a_corrupt_shard_and_a_lost_manifest(s3_bucket, tiny_data):
+    run = f"{s3_bucket}/runs/one"
+    steps = ["max_steps=6", "checkpoint.interval=2", "eval_interval=2", "sample_tokens=4"]
+    first = cli(*train_args(tiny_data, run, *steps[1:], "max_steps=4"))
+    assert first.returncode == 0, first.stderr[-2000:]
+    store = Store(run)
+    assert store.read_text("checkpoints/LATEST").strip() == "step-00000004"
+    # corrupt the newest checkpoint's weights and remove the manifest of the one before
+    store.write_bytes("checkpoints/step-00000004/model.pt", b"garbage")
+    resumed = cli(*train_args(tiny_data, run, *steps))
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "skipping step-00000004" in resumed.stdout and "(step 2)" in resumed.stdout
+    assert [r["step"] for r in [json.loads(x) for x in store.read_text("metrics.jsonl").splitlines()] if "loss" in r] == [1, 2, 3, 4, 5, 6]
+    assert Checkpointer(run, 3, True).load_newest().step == 6
+    store.remove("checkpoints/step-00000006/MANIFEST.json")
+    assert Checkpointer(run, 3, True, log=lambda m: None).load_newest().step == 4
+
+
+@pytest.mark.s3
+def test_s3_writer_killed_mid_upload_leaves_a_loadable_run(s3_bucket):
+    run = f"{s3_bucket}/runs/killed"
+    proc = subprocess.Popen([sys.executable, "-c", WRITER, run, "0"], cwd=REPO)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and Checkpointer(run, 2, False).load_newest() is None:
+        time.sleep(0.5)
+    time.sleep(random.Random(1).uniform(0.2, 1.0))
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    found = Checkpointer(run, 2, False, log=lambda m: None).load_newest()
+    assert found is not None
+    assert torch.equal(found.model["w"], torch.randn(256, 1024, generator=torch.Generator().manual_seed(found.step)))
