@@ -98,6 +98,12 @@ class DistributedConfig:
 
 
 @dataclass
+class PreemptionConfig:
+    signals: str = "TERM,USR1,USR2"  # each makes the run checkpoint at the next step and exit to be requeued
+    deadline_margin_s: int = 180  # stop this long before the job's time limit (SLURM), so the checkpoint lands
+
+
+@dataclass
 class Config:
     run_dir: str = "runs/default"  # local path or fsspec URL; everything the run writes goes here
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -108,6 +114,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    preemption: PreemptionConfig = field(default_factory=PreemptionConfig)
 
     @property
     def seq_len(self) -> int:

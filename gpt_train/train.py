@@ -21,6 +21,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import gpt_train
 from gpt_train import checkpoint, data, distributed, optim, precision
+from gpt_train.preemption import REQUEUE_EXIT, Preemption, slurm_end_time
 from gpt_train.config import Config, dump, load_config, to_dict, validate
 from gpt_train.errors import CheckpointError, ConfigError, DataError
 from gpt_train.model import GPT
@@ -220,9 +221,16 @@ def _train(cfg: Config, world: distributed.World, device: torch.device, backend:
         log.flush()
         say(f"checkpoint: step {step} snapshot taken, training blocked {blocked * 1000:.0f} ms")
 
+    deadline = slurm_end_time()
+    preempt = Preemption(cfg.preemption.signals, deadline, cfg.preemption.deadline_margin_s)
+    if deadline:
+        say(f"deadline: {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(deadline))}; the run checkpoints and "
+            f"exits {cfg.preemption.deadline_margin_s} s before it")
+
     model.train()
     val_loss = None
     t_last, steps_since = time.perf_counter(), 0
+    step_seconds, t_step = 0.0, time.perf_counter()
     while step < t.max_steps:
         lr = optim.lr_at(step, cfg)
         for group in optimizer.param_groups:
@@ -278,6 +286,20 @@ def _train(cfg: Config, world: distributed.World, device: torch.device, backend:
 
         if (cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0) or last:
             save(val_loss, final=last)
+
+        now = time.perf_counter()
+        step_seconds, t_step = max(step_seconds * 0.9, now - t_step), now
+        reason = preempt.reason(step_seconds)
+        if not last and distributed.any_rank(reason is not None, device):
+            say(f"preemption: {reason or 'a peer rank was signalled'} at step {step}: checkpointing, then exiting "
+                f"with {REQUEUE_EXIT} to be requeued", flush=True)
+            if not (cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0):
+                save(val_loss)
+            if world.is_main:
+                landed = ckpts.wait()
+                log.event("preempted", step=step, cause=reason or "peer", checkpoint_landed=landed)
+                log.close()
+            return REQUEUE_EXIT
 
     if world.is_main:
         landed = ckpts.wait()

@@ -1,0 +1,71 @@
+"""A real signal to a real training process: checkpoint at the next step, exit to be requeued, resume exactly."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from gpt_train.preemption import REQUEUE_EXIT, Preemption, slurm_end_time
+from helpers import REPO, cli, losses, tiny_data, train_args  # noqa: F401
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR2])
+def test_signal_checkpoints_exits_for_requeue_and_the_resume_is_exact(tmp_path, tiny_data, sig):
+    steps = ["max_steps=14", "checkpoint.interval=5", "eval_interval=7", "sample_tokens=4"]
+    ref = tmp_path / "ref"
+    assert cli(*train_args(tiny_data, str(ref), *steps)).returncode == 0
+
+    run = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "gpt_train", *train_args(tiny_data, str(run), *steps)], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    out = []
+    for line in proc.stdout:
+        out.append(line)
+        if "step      6/14 | loss" in line:  # between two checkpoints
+            proc.send_signal(sig)
+    proc.wait()
+    text = "".join(out)
+    assert proc.returncode == REQUEUE_EXIT, text[-2000:]
+    assert f"preemption: {sig.name}" in text
+    stopped = max(losses(run))
+    assert stopped in (6, 7)  # the signal lands during step 6 or 7; the run stops at that step boundary
+    assert (run / "checkpoints" / "LATEST").read_text().strip() == f"step-{stopped:08d}"
+    events = [json.loads(x) for x in (run / "events.jsonl").read_text().splitlines()]
+    assert events[-1]["event"] == "preempted" and events[-1]["cause"] == sig.name and events[-1]["checkpoint_landed"]
+
+    resumed = cli(*train_args(tiny_data, str(run), *steps))
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"(step {stopped})" in resumed.stdout
+    assert losses(run) == losses(ref)
+
+
+def test_deadline_acts_like_an_early_signal(tmp_path, tiny_data):
+    run = tmp_path / "run"
+    env = {"GPT_TRAIN_DEADLINE": str(time.time() + 200)}
+    result = cli(*train_args(tiny_data, str(run), "max_steps=50", "preemption.deadline_margin_s=190"), env=env)
+    assert result.returncode == REQUEUE_EXIT, result.stdout[-2000:]
+    assert "preemption: deadline" in result.stdout and "deadline:" in result.stdout
+    assert 1 <= max(losses(run)) < 50
+
+
+def test_handler_only_records(monkeypatch):
+    p = Preemption("TERM,usr1", deadline=None, margin_s=0)
+    try:
+        assert p.reason() is None
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert p.reason() == "SIGUSR1"
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGUSR1, signal.SIG_DFL)
+
+
+def test_deadline_sources():
+    assert slurm_end_time({"GPT_TRAIN_DEADLINE": "123.5"}) == 123.5
+    assert slurm_end_time({"SLURM_JOB_END_TIME": "1000"}) == 1000.0
+    assert slurm_end_time({}) is None
