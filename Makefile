@@ -46,3 +46,6 @@ bench: $(VENV)/.dev
 
 clean:
 	rm -rf $(VENV) runs data .pytest_cache
+
+# docker-build, docker-push, docker-run GPUS=4 (see docs/docker.md)
+include docker/docker.mk

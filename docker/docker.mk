@@ -1,0 +1,1 @@
+# Container targets; filled in by the container work (issue 6).
