@@ -1,0 +1,515 @@
+"""`gpt-train prepare`: tokenize text into flat train/val token shards that training memory-maps.
+
+Inputs are text files (one document each), JSONL (`.jsonl`, `.json`, optionally compressed, one document per
+line in field `text`) and parquet (column `text`), given as paths, directories, globs or fsspec URLs.
+
+Design choices, and why:
+- Memory stays bounded whatever the corpus size: files are read in ~1 MB blocks, a long document is cut into
+  ~1 MB pieces, a few pieces per worker are in flight, and tokens are appended to the shard files as they come.
+- A long document is cut only at the end of a word: after a letter, before a non-letter ("word|, next").
+  GPT-2's and GPT-4's split patterns both end a pre-token there and never look past it, so the pieces encode
+  to exactly the ids of the whole document. (Text with no word end in 0.5 MB, which real text does not have,
+  is cut anyway: still lossless, but the ids may differ from the whole's at that cut.)
+- Encoding runs on a pool of threads, one tiktoken call per piece (tiktoken releases the GIL): the main thread
+  keeps reading and writing meanwhile, and each worker also turns its ids into a numpy array, which
+  `encode_batch` would leave to one thread.
+- Each document is followed by <|endoftext|>, so the model sees where documents end.
+- Validation split: document k goes to val when floor((k+1)*f) > floor(k*f), i.e. every (1/f)-th document,
+  spread over the corpus and independent of the number of workers. When the corpus has fewer than 1/f
+  documents (a single book), no document qualifies; then val is the last f of the token stream instead (at
+  least one token), cut from the end of train. meta.json records which rule applied in `val_from`.
+- Work already done is skipped: meta.json records the sources (path, size, modification time or ETag), the
+  tokenizer and the options; a second run with the same ones prints "up to date". Output is written to a
+  staging folder and moved in place at the end, meta.json last, so an interrupted run never leaves a
+  meta.json that points at partial shards.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import io
+import itertools
+import json
+import math
+import os
+import re
+import shutil
+import sys
+import time
+from collections import deque
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+import fsspec
+import numpy as np
+from fsspec.compression import compr
+from fsspec.implementations.local import LocalFileSystem
+from fsspec.utils import infer_compression
+from tqdm import tqdm
+
+from gpt_train import tokenizer as tokenizers
+from gpt_train.errors import DataError
+
+FORMAT = "gpt-train-tokens/1"  # what gpt_train.data reads; it is not imported here because it imports torch
+DEFAULT_SHARD_TOKENS = 100_000_000  # 200 MB of uint16: few files, and training windows never cross a shard
+BLOCK_CHARS = 1 << 20  # read size, and the size of the pieces a long document is cut into
+ITEM_CHARS = 1 << 20  # text per task handed to a worker: large enough that per-task overhead is negligible
+TOKENIZER_TRAIN_CHARS = 1_000_000_000  # a BPE is trained on at most the first ~1 GB of text
+_COPY_TOKENS = 1 << 22  # tokens per read when moving the tail of train to val
+_STAGING = ".prepare-partial"
+_GUTENBERG_START = re.compile(r"^\*\*\* ?START OF [^\n]*\n", re.MULTILINE | re.IGNORECASE)
+_GUTENBERG_END = re.compile(r"^\*\*\* ?END OF ", re.MULTILINE | re.IGNORECASE)
+_PROTOCOL_NEEDS = {"hf": "huggingface_hub (and network access)", "s3": "s3fs", "s3a": "s3fs", "gs": "gcsfs",
+                   "gcs": "gcsfs"}
+
+
+def bundled_corpus() -> str:
+    """Moby Dick (1.2 MB, public domain), shipped so that the quickstart needs no download."""
+    return str(Path(__file__).resolve().parent / "assets" / "moby_dick.txt")
+
+
+def token_dtype(n_vocab: int) -> np.dtype:
+    """The smallest unsigned type that holds every id: half the disk and page cache for vocabularies <= 65536."""
+    return np.dtype(np.uint16 if n_vocab <= 1 << 16 else np.uint32)
+
+
+# ---------------------------------------------------------------------------------------------------- inputs
+
+
+@dataclass(frozen=True)
+class Source:
+    fs: fsspec.AbstractFileSystem
+    path: str  # as the filesystem names it
+    url: str  # as meta.json records it: an absolute local path or a URL
+    size: int
+    modified: str  # modification time, ETag or similar: with the size, how a changed input is noticed
+
+    def record(self) -> dict:
+        return {"path": self.url, "bytes": self.size, "modified": self.modified}
+
+
+def resolve_sources(inputs: list[str]) -> list[Source]:
+    """Files named by paths, directories, globs and URLs, in order, each once; a name matching nothing is an error."""
+    sources: dict[str, Source] = {}
+    for spec in inputs:
+        fs, path = _filesystem(spec)
+        for info in _expand(fs, path, spec):
+            url = info["name"] if isinstance(fs, LocalFileSystem) else fs.unstrip_protocol(info["name"])
+            sources.setdefault(url, Source(fs, info["name"], url, int(info["size"]), _modified(info)))
+    return list(sources.values())
+
+
+def _filesystem(spec: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    try:
+        return fsspec.core.url_to_fs(spec)
+    except (ImportError, ValueError) as e:  # a protocol whose package is not installed, or no such protocol
+        protocol = spec.split("://", 1)[0] if "://" in spec else "file"
+        needs = f"; reading {protocol}:// needs {_PROTOCOL_NEEDS[protocol]}" if protocol in _PROTOCOL_NEEDS else ""
+        raise DataError(f"cannot read '{spec}': {e}{needs}") from None
+
+
+def _expand(fs: fsspec.AbstractFileSystem, path: str, spec: str) -> list[dict]:
+    try:
+        if _is_glob(path):
+            found = fs.glob(path, detail=True)
+        else:
+            info = fs.info(path)
+            if info["type"] != "directory":
+                return [info]
+            found = fs.find(path, detail=True)
+    except FileNotFoundError:
+        raise DataError(f"input file '{spec}' not found") from None
+    except Exception as e:  # permissions, network, credentials: each remote filesystem raises its own kinds
+        raise DataError(f"cannot read '{spec}': {e}") from None
+    files = [info for name, info in sorted(found.items())
+             if info["type"] == "file" and not Path(name).name.startswith(".")]
+    if not files:
+        raise DataError(f"no input file matches '{spec}'" if _is_glob(path)
+                        else f"input directory '{spec}' has no files")
+    return files
+
+
+def _is_glob(path: str) -> bool:
+    return any(c in path for c in "*?[")
+
+
+def _modified(info: dict) -> str:
+    for key in ("mtime", "LastModified", "last_modified", "ETag", "created"):
+        value = info.get(key)
+        if value is not None:  # the same file can report a float or a datetime, depending on the call
+            return str(value.timestamp() if isinstance(value, datetime.datetime) else value)
+    return ""
+
+
+def _documents(source: Source, raw: BinaryIO) -> Iterator[Iterable[str]]:
+    """Each document of a source, as text blocks (a text file is one document, read block by block)."""
+    name = source.path.lower()
+    codec = infer_compression(name)
+    if codec:
+        name = name.rsplit(".", 1)[0]
+    if name.endswith(".parquet"):
+        yield from ([text] for text in _parquet_texts(source, raw))
+        return
+    text = io.TextIOWrapper(compr[codec](raw, mode="rb") if codec else raw, encoding="utf-8-sig",
+                            errors="replace", newline="")  # newline="": keep \r\n as written
+    if name.endswith((".jsonl", ".json")):
+        yield from ([doc] for doc in _jsonl_texts(source, text))
+    else:
+        yield _line_blocks(text)
+
+
+def _line_blocks(text: io.TextIOBase) -> Iterator[str]:
+    """Blocks of ~BLOCK_CHARS that end at a line end (so a Gutenberg marker line is never split)."""
+    carry = ""
+    while chunk := text.read(BLOCK_CHARS):
+        block = carry + chunk
+        cut = block.rfind("\n") + 1 or len(block)
+        carry = block[cut:]
+        yield block[:cut]
+    if carry:
+        yield carry
+
+
+def _jsonl_texts(source: Source, lines: Iterable[str]) -> Iterator[str]:
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{source.url} line {number} is not JSON ({e.msg}); JSON inputs need one object per "
+                            "line (JSONL)") from None
+        if not isinstance(record, dict):
+            raise DataError(f"{source.url} line {number} is not a JSON object; JSON inputs need one object per line "
+                            "(JSONL)")
+        text = record.get("text")
+        if not isinstance(text, str):
+            raise DataError(f"{source.url} line {number} has no string field 'text'")
+        yield text
+
+
+def _parquet_texts(source: Source, raw: BinaryIO) -> Iterator[str]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise DataError(f"reading {source.url} needs pyarrow: pip install 'gpt-train[parquet]'") from None
+    table = pq.ParquetFile(raw)
+    if "text" not in table.schema_arrow.names:
+        raise DataError(f"{source.url} has no column 'text' (columns: {', '.join(table.schema_arrow.names)})")
+    for batch in table.iter_batches(columns=["text"], batch_size=1024):
+        yield from (text for text in batch.column(0).to_pylist() if text)
+
+
+def _strip_gutenberg(blocks: Iterable[str]) -> Iterator[str]:
+    """Drop Project Gutenberg's license header (up to the `*** START OF` line, looked for in the first block)
+    and footer (from the `*** END OF` line on)."""
+    blocks = iter(blocks)
+    first = next(blocks, "")
+    start = _GUTENBERG_START.search(first)
+    for block in itertools.chain([first[start.end():] if start else first], blocks):
+        end = _GUTENBERG_END.search(block)
+        if end:
+            yield block[:end.start()]
+            return
+        yield block
+
+
+def _pieces(blocks: Iterable[str]) -> Iterator[str]:
+    """A document's text re-cut into pieces of at most ~BLOCK_CHARS, at gaps that encode exactly (see top)."""
+    carry = ""
+    for block in blocks:
+        text = carry + block
+        start = 0
+        while len(text) - start > BLOCK_CHARS:
+            cut = _word_end(text, start + BLOCK_CHARS // 2, start + BLOCK_CHARS)
+            yield text[start:cut]
+            start = cut
+        carry = text[start:]
+    if carry:
+        yield carry
+
+
+def _word_end(text: str, lo: int, hi: int) -> int:
+    """The last i in (lo, hi] with a letter before it and a non-letter at it (str.isalpha is regex's \\p{L});
+    hi if there is none."""
+    for i in range(hi, lo, -1):
+        if text[i - 1].isalpha() and not text[i].isalpha():
+            return i
+    return hi
+
+
+def _stream(sources: list[Source], strip_gutenberg: bool) -> Iterator[tuple[str, bool, int]]:
+    """(piece, ends a document, input bytes read so far) over all sources; empty documents are skipped."""
+    done = 0
+    for source in sources:
+        with source.fs.open(source.path, "rb") as raw:
+            for blocks in _documents(source, raw):
+                previous = None
+                for piece in _pieces(_strip_gutenberg(blocks) if strip_gutenberg else blocks):
+                    if previous is not None:
+                        yield previous, False, done + min(raw.tell(), source.size)
+                    previous = piece
+                if previous is not None:
+                    yield previous, True, done + min(raw.tell(), source.size)
+        done += source.size
+
+
+def _is_val(document: int, val_fraction: float) -> bool:
+    return math.floor((document + 1) * val_fraction) > math.floor(document * val_fraction)
+
+
+def _items(stream: Iterable[tuple[str, bool, int]], val_fraction: float) -> Iterator[tuple[list, int]]:
+    """Tasks of ~ITEM_CHARS: ([(text, split, ends a document), ...], input bytes read so far)."""
+    item: list[tuple[str, str, bool]] = []
+    chars = document = done = 0
+    for piece, ends, done in stream:
+        item.append((piece, "val" if _is_val(document, val_fraction) else "train", ends))
+        chars += len(piece)
+        document += ends
+        if chars >= ITEM_CHARS:
+            yield item, done
+            item, chars = [], 0
+    if item:
+        yield item, done
+
+
+# ---------------------------------------------------------------------------------------------------- outputs
+
+
+class _ShardWriter:
+    """Appends one split's tokens to `<split>-00000.bin`, ... of at most `shard_tokens` tokens each."""
+
+    def __init__(self, directory: Path, split: str, dtype: np.dtype, shard_tokens: int):
+        self.directory, self.split, self.dtype, self.shard_tokens = directory, split, dtype, shard_tokens
+        self.shards: list[str] = []
+        self.tokens = 0
+        self._file: BinaryIO | None = None
+        self._room = 0
+
+    def write(self, ids: np.ndarray) -> None:
+        while len(ids):
+            if self._room == 0:
+                self.close()
+                self.shards.append(f"{self.split}-{len(self.shards):05d}.bin")
+                self._file = open(self.directory / self.shards[-1], "wb")
+                self._room = self.shard_tokens
+            head, ids = ids[: self._room], ids[self._room :]
+            head.tofile(self._file)
+            self._room -= len(head)
+            self.tokens += len(head)
+
+    def close(self) -> None:
+        if self._file:
+            self._file.close()
+        self._file, self._room = None, 0
+
+
+def _move_tail(train: _ShardWriter, val: _ShardWriter, count: int) -> None:
+    """Move the last `count` tokens of (closed) train to val, in order, a bounded block at a time."""
+    keep, offset, kept = train.tokens - count, 0, []
+    itemsize = train.dtype.itemsize
+    for name in train.shards:
+        path = train.directory / name
+        n = path.stat().st_size // itemsize
+        cut = min(max(keep - offset, 0), n)
+        for start in range(cut, n, _COPY_TOKENS):
+            val.write(np.fromfile(path, train.dtype, count=min(_COPY_TOKENS, n - start), offset=start * itemsize))
+        if cut:
+            os.truncate(path, cut * itemsize)
+            kept.append(name)
+        else:
+            path.unlink()
+        offset += n
+    train.shards, train.tokens = kept, keep
+
+
+def _encode_item(tok: tokenizers.Tokenizer, dtype: np.dtype, item: list[tuple[str, str, bool]]) -> dict:
+    ids: dict[str, list[int]] = {"train": [], "val": []}
+    for text, split, ends in item:
+        ids[split] += tok.encode(text)
+        if ends:
+            ids[split].append(tok.eot)
+    return {split: np.fromiter(v, dtype, len(v)) for split, v in ids.items() if v}
+
+
+def _tokenize(items: Iterable[tuple[list, int]], tok: tokenizers.Tokenizer, writers: dict[str, _ShardWriter],
+              workers: int, progress: tqdm) -> None:
+    """Encode tasks on `workers` threads while this one reads ahead and writes results in input order."""
+    pending: deque[tuple[Future, int]] = deque()
+    read = 0
+
+    def write_oldest() -> None:
+        nonlocal read
+        future, done = pending.popleft()
+        for split, ids in future.result().items():
+            writers[split].write(ids)
+        progress.update(done - read)
+        read = done
+
+    dtype = writers["train"].dtype
+    with ThreadPoolExecutor(workers, thread_name_prefix="tokenize") as pool:
+        try:
+            for item, done in items:
+                pending.append((pool.submit(_encode_item, tok, dtype, item), done))
+                if len(pending) > 2 * workers:  # every worker busy, one task queued each: more only costs memory
+                    write_oldest()
+            while pending:
+                write_oldest()
+        finally:
+            for future, _ in pending:
+                future.cancel()
+
+
+# ---------------------------------------------------------------------------------------------------- command
+
+
+def prepare(inputs: list[str], out: str, *, val_fraction: float = 0.005, train_tokenizer: int | None = None,
+            strip_gutenberg: bool = False, shard_tokens: int = DEFAULT_SHARD_TOKENS, workers: int | None = None,
+            force: bool = False) -> dict:
+    """Tokenize `inputs` into the local directory `out` (see the module docstring); returns its meta.json."""
+    if not 0 < val_fraction < 1:
+        raise DataError(f"--val-fraction must be between 0 and 1 (exclusive), got {val_fraction}")
+    if shard_tokens < 1:
+        raise DataError(f"--shard-tokens must be positive, got {shard_tokens}")
+    if "://" in out and not out.startswith("file://"):
+        raise DataError(f"--out must be a local directory (training memory-maps the shards), got '{out}'")
+    out_dir = Path(out.removeprefix("file://")).expanduser()
+    workers = workers or _cores()
+    sources = resolve_sources(inputs)
+    wanted = {"format": FORMAT, "sources": [s.record() for s in sources], "val_fraction": val_fraction,
+              "options": {"strip_gutenberg": strip_gutenberg, "shard_tokens": shard_tokens,
+                          "train_tokenizer": train_tokenizer}}
+    if not train_tokenizer:
+        wanted["tokenizer"] = tokenizers.gpt2().identity()
+    current = None if force else _up_to_date(out_dir, wanted)
+    if current:
+        splits = ", ".join(f"{split} {info['tokens']:,}" for split, info in current["splits"].items())
+        print(f"{out_dir} is up to date ({splits} tokens); --force redoes it", flush=True)
+        return current
+
+    staging = out_dir / _STAGING
+    shutil.rmtree(staging, ignore_errors=True)  # left by an interrupted run
+    staging.mkdir(parents=True)
+    tok = _tokenizer(sources, train_tokenizer, strip_gutenberg, staging)
+    dtype = token_dtype(tok.n_vocab)
+    writers = {split: _ShardWriter(staging, split, dtype, shard_tokens) for split in ("train", "val")}
+    total = sum(s.size for s in sources)
+    started = time.perf_counter()
+    with tqdm(total=total, unit="B", unit_scale=True, desc="tokenizing", file=sys.stderr,
+              disable=not sys.stderr.isatty()) as progress:
+        with contextlib.closing(_stream(sources, strip_gutenberg)) as stream:
+            _tokenize(_items(stream, val_fraction), tok, writers, workers, progress)
+    for writer in writers.values():
+        writer.close()
+    val_from = "documents" if writers["val"].tokens else _val_from_tail(writers, val_fraction)
+    seconds = time.perf_counter() - started
+
+    meta = {**wanted, "tokenizer": tok.identity(), "dtype": dtype.name, "val_from": val_from,
+            "splits": {split: {"shards": w.shards, "tokens": w.tokens} for split, w in writers.items()}}
+    _publish(staging, out_dir, meta)
+    for split, w in writers.items():
+        print(f"{split}: {w.tokens:,} tokens in {len(w.shards)} shard(s)", flush=True)
+    print(f"prepared {out_dir}: {total / 1e6:.1f} MB in {seconds:.1f} s ({total / 1e6 / max(seconds, 1e-9):.1f} MB/s, "
+          f"{workers} workers), tokenizer {tok.name} ({tok.n_vocab} ids), {dtype.name}", flush=True)
+    return meta
+
+
+def _cores() -> int:
+    """Cores this process may use: under SLURM or taskset that is fewer than the machine has."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _tokenizer(sources: list[Source], vocab: int | None, strip_gutenberg: bool, staging: Path) -> tokenizers.Tokenizer:
+    if not vocab:
+        return tokenizers.gpt2()
+    started = time.perf_counter()
+
+    def texts() -> Iterator[str]:
+        seen = 0
+        with contextlib.closing(_stream(sources, strip_gutenberg)) as stream:
+            for piece, _, _ in stream:
+                yield piece
+                seen += len(piece)
+                if seen >= TOKENIZER_TRAIN_CHARS:
+                    return
+
+    tok = tokenizers.train_bpe(texts(), vocab)
+    tokenizers.save(tok, staging / tokenizers.BPE_FILE)
+    print(f"trained a {tok.n_vocab}-id BPE tokenizer in {time.perf_counter() - started:.1f} s", flush=True)
+    return tok
+
+
+def _val_from_tail(writers: dict[str, _ShardWriter], val_fraction: float) -> str:
+    train = writers["train"]
+    count = max(1, math.ceil(val_fraction * train.tokens))
+    if train.tokens - count < 1:
+        raise DataError(f"the inputs hold {train.tokens} token(s): too little text for a train and a val split")
+    _move_tail(train, writers["val"], count)
+    writers["val"].close()
+    return "tail"
+
+
+def _up_to_date(out_dir: Path, wanted: dict) -> dict | None:
+    """The existing meta.json if it was made from the same inputs and settings and its files are intact."""
+    try:
+        meta = json.loads((out_dir / "meta.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(meta, dict) or any(meta.get(key) != value for key, value in wanted.items()):
+        return None
+    try:
+        if wanted["options"]["train_tokenizer"]:
+            tokenizers.from_identity(meta["tokenizer"], str(out_dir))
+        itemsize = np.dtype(meta["dtype"]).itemsize
+        for info in meta["splits"].values():
+            if sum((out_dir / name).stat().st_size for name in info["shards"]) != info["tokens"] * itemsize:
+                return None
+    except (OSError, KeyError, TypeError, DataError):
+        return None
+    return meta
+
+
+def _publish(staging: Path, out_dir: Path, meta: dict) -> None:
+    """Replace the directory's previous output with the staged one; meta.json goes last."""
+    (out_dir / "meta.json").unlink(missing_ok=True)  # from here on the directory reads as "not prepared"
+    for pattern in ("train-*.bin", "val-*.bin", tokenizers.BPE_FILE):
+        for old in out_dir.glob(pattern):
+            old.unlink()
+    for new in staging.iterdir():
+        new.replace(out_dir / new.name)
+    staging.rmdir()
+    partial = out_dir / "meta.json.partial"
+    partial.write_text(json.dumps(meta, indent=2) + "\n")
+    partial.replace(out_dir / "meta.json")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("inputs", nargs="+", metavar="INPUT",
+                        help="text files (one document each), .jsonl/.json (field 'text', may be .gz) or .parquet "
+                             "(column 'text'): paths, directories, globs or URLs (s3://, gs://, hf://datasets/...)")
+    parser.add_argument("--out", required=True, metavar="DIR", help="local output directory")
+    parser.add_argument("--val-fraction", type=float, default=0.005, metavar="F",
+                        help="share of documents (or, with fewer than 1/F documents, of the tail) held out for "
+                             "validation (default: %(default)s)")
+    parser.add_argument("--train-tokenizer", type=int, metavar="VOCAB",
+                        help="train a byte-level BPE with VOCAB ids (incl. <|endoftext|>) on the inputs instead of "
+                             "using GPT-2's")
+    parser.add_argument("--strip-gutenberg", action="store_true",
+                        help="drop Project Gutenberg license headers and footers")
+    parser.add_argument("--shard-tokens", type=int, default=DEFAULT_SHARD_TOKENS, metavar="N",
+                        help="tokens per shard file (default: %(default)s)")
+    parser.add_argument("--workers", type=int, default=0, metavar="N",
+                        help="encoding threads (default: all cores this process may use)")
+    parser.add_argument("--force", action="store_true", help="redo the work even if the output is up to date")
+
+
+def run(args: argparse.Namespace) -> int:
+    prepare(args.inputs, args.out, val_fraction=args.val_fraction, train_tokenizer=args.train_tokenizer,
+            strip_gutenberg=args.strip_gutenberg, shard_tokens=args.shard_tokens, workers=args.workers,
+            force=args.force)
+    return 0
