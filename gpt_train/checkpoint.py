@@ -42,17 +42,24 @@ def _step_of(name: str) -> int | None:
     return None
 
 
-def _to_host(obj: Any) -> Any:
-    """A private host copy of every tensor, so training may change the originals at once."""
+def _to_host(obj: Any, reuse: Any = None) -> Any:
+    """A private host copy of every tensor, so training may change the originals at once.
+
+    `reuse` is the previous snapshot: its buffers are overwritten in place, because touching
+    gigabytes of freshly allocated pages costs more than the copy itself."""
     if isinstance(obj, torch.Tensor):
-        if obj.device.type == "cuda":
-            out = torch.empty(obj.shape, dtype=obj.dtype, pin_memory=True)
-            return out.copy_(obj.detach(), non_blocking=True)
-        return obj.detach().to("cpu", copy=True)
+        src = obj.detach()
+        if isinstance(reuse, torch.Tensor) and reuse.shape == src.shape and reuse.dtype == src.dtype:
+            return reuse.copy_(src, non_blocking=True)
+        if src.device.type == "cuda":
+            return torch.empty(src.shape, dtype=src.dtype, pin_memory=True).copy_(src, non_blocking=True)
+        return src.to("cpu", copy=True)
     if isinstance(obj, dict):
-        return {k: _to_host(v) for k, v in obj.items()}
+        reuse = reuse if isinstance(reuse, dict) else {}
+        return {k: _to_host(v, reuse.get(k)) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return type(obj)(_to_host(v) for v in obj)
+        reuse = reuse if isinstance(reuse, (list, tuple)) and len(reuse) == len(obj) else [None] * len(obj)
+        return type(obj)(_to_host(v, r) for v, r in zip(obj, reuse))
     return obj
 
 
@@ -147,6 +154,7 @@ class Checkpointer:
         self.asynchronous, self.retries, self.log = asynchronous, retries, log
         self._thread: threading.Thread | None = None
         self._writing: int | None = None
+        self._staging: Any = None
         self.last_saved: int | None = None
         self.last_error: str | None = None
 
@@ -178,8 +186,8 @@ class Checkpointer:
     def save(self, step: int, model: dict, optimizer: dict, rng: list, meta: dict) -> float:
         """Snapshot now, write in the background. Returns the seconds training was blocked."""
         t0 = time.perf_counter()
-        self.wait()
-        model, optimizer = _to_host(model), _to_host(optimizer)
+        self.wait()  # the previous write is done with the staging buffers
+        model, optimizer = self._staging = _to_host((model, optimizer), self._staging)
         if torch.cuda.is_available():
             torch.cuda.synchronize()  # the pinned copies above are asynchronous
         self._writing = step
