@@ -14,6 +14,8 @@ Design choices, and why:
   keeps reading and writing meanwhile, and each worker also turns its ids into a numpy array, which
   `encode_batch` would leave to one thread.
 - Each document is followed by <|endoftext|>, so the model sees where documents end.
+- The tokenizer is GPT-2's, or with --train-tokenizer a byte-level BPE learned (rustbpe) from the first ~1 GB
+  of the same text before encoding, saved as DIR/tokenizer.bpe. Ids are uint16 when the vocabulary fits.
 - Validation split: document k goes to val when floor((k+1)*f) > floor(k*f), i.e. every (1/f)-th document,
   spread over the corpus and independent of the number of workers. When the corpus has fewer than 1/f
   documents (a single book), no document qualifies; then val is the last f of the token stream instead (at
@@ -21,7 +23,8 @@ Design choices, and why:
 - Work already done is skipped: meta.json records the sources (path, size, modification time or ETag), the
   tokenizer and the options; a second run with the same ones prints "up to date". Output is written to a
   staging folder and moved in place at the end, meta.json last, so an interrupted run never leaves a
-  meta.json that points at partial shards.
+  meta.json that points at partial shards. A failed run leaves the previous output as it was.
+- Progress and MB/s count input bytes as stored (compressed bytes for .gz files).
 """
 
 from __future__ import annotations
@@ -376,10 +379,11 @@ def prepare(inputs: list[str], out: str, *, val_fraction: float = 0.005, train_t
         raise DataError(f"--val-fraction must be between 0 and 1 (exclusive), got {val_fraction}")
     if shard_tokens < 1:
         raise DataError(f"--shard-tokens must be positive, got {shard_tokens}")
+    if workers is not None and workers < 0:
+        raise DataError(f"--workers must not be negative, got {workers}")
     if "://" in out and not out.startswith("file://"):
         raise DataError(f"--out must be a local directory (training memory-maps the shards), got '{out}'")
     out_dir = Path(out.removeprefix("file://")).expanduser()
-    workers = workers or _cores()
     sources = resolve_sources(inputs)
     wanted = {"format": FORMAT, "sources": [s.record() for s in sources], "val_fraction": val_fraction,
               "options": {"strip_gutenberg": strip_gutenberg, "shard_tokens": shard_tokens,
@@ -391,32 +395,48 @@ def prepare(inputs: list[str], out: str, *, val_fraction: float = 0.005, train_t
         splits = ", ".join(f"{split} {info['tokens']:,}" for split, info in current["splits"].items())
         print(f"{out_dir} is up to date ({splits} tokens); --force redoes it", flush=True)
         return current
+    return _build(sources, out_dir, wanted, workers or _cores())
 
+
+def _build(sources: list[Source], out_dir: Path, wanted: dict, workers: int) -> dict:
+    """Tokenize into a staging folder, then move the result in place; a failure leaves `out_dir` as it was."""
+    options = wanted["options"]
     staging = out_dir / _STAGING
-    shutil.rmtree(staging, ignore_errors=True)  # left by an interrupted run
+    shutil.rmtree(staging, ignore_errors=True)  # left by a run that was killed
     staging.mkdir(parents=True)
-    tok = _tokenizer(sources, train_tokenizer, strip_gutenberg, staging)
-    dtype = token_dtype(tok.n_vocab)
-    writers = {split: _ShardWriter(staging, split, dtype, shard_tokens) for split in ("train", "val")}
-    total = sum(s.size for s in sources)
-    started = time.perf_counter()
-    with tqdm(total=total, unit="B", unit_scale=True, desc="tokenizing", file=sys.stderr,
-              disable=not sys.stderr.isatty()) as progress:
-        with contextlib.closing(_stream(sources, strip_gutenberg)) as stream:
-            _tokenize(_items(stream, val_fraction), tok, writers, workers, progress)
-    for writer in writers.values():
-        writer.close()
-    val_from = "documents" if writers["val"].tokens else _val_from_tail(writers, val_fraction)
-    seconds = time.perf_counter() - started
-
-    meta = {**wanted, "tokenizer": tok.identity(), "dtype": dtype.name, "val_from": val_from,
-            "splits": {split: {"shards": w.shards, "tokens": w.tokens} for split, w in writers.items()}}
-    _publish(staging, out_dir, meta)
+    writers: dict[str, _ShardWriter] = {}
+    try:
+        tok = _tokenizer(sources, options["train_tokenizer"], options["strip_gutenberg"], staging)
+        dtype = token_dtype(tok.n_vocab)
+        writers = {split: _ShardWriter(staging, split, dtype, options["shard_tokens"]) for split in ("train", "val")}
+        started = time.perf_counter()
+        _tokenize_all(sources, tok, writers, wanted["val_fraction"], options["strip_gutenberg"], workers)
+        val_from = "documents" if writers["val"].tokens else _val_from_tail(writers, wanted["val_fraction"])
+        seconds = time.perf_counter() - started
+        meta = {**wanted, "tokenizer": tok.identity(), "dtype": dtype.name, "val_from": val_from,
+                "splits": {split: {"shards": w.shards, "tokens": w.tokens} for split, w in writers.items()}}
+        _publish(staging, out_dir, meta)
+    except BaseException:
+        for writer in writers.values():
+            writer.close()
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     for split, w in writers.items():
         print(f"{split}: {w.tokens:,} tokens in {len(w.shards)} shard(s)", flush=True)
-    print(f"prepared {out_dir}: {total / 1e6:.1f} MB in {seconds:.1f} s ({total / 1e6 / max(seconds, 1e-9):.1f} MB/s, "
+    megabytes = sum(s.size for s in sources) / 1e6
+    print(f"prepared {out_dir}: {megabytes:.1f} MB in {seconds:.1f} s ({megabytes / max(seconds, 1e-9):.1f} MB/s, "
           f"{workers} workers), tokenizer {tok.name} ({tok.n_vocab} ids), {dtype.name}", flush=True)
     return meta
+
+
+def _tokenize_all(sources: list[Source], tok: tokenizers.Tokenizer, writers: dict[str, _ShardWriter],
+                  val_fraction: float, strip_gutenberg: bool, workers: int) -> None:
+    progress = tqdm(total=sum(s.size for s in sources), unit="B", unit_scale=True, desc="tokenizing",
+                    file=sys.stderr, disable=None)  # None: off when stderr is not a terminal
+    with progress, contextlib.closing(_stream(sources, strip_gutenberg)) as stream:
+        _tokenize(_items(stream, val_fraction), tok, writers, workers, progress)
+    for writer in writers.values():
+        writer.close()
 
 
 def _cores() -> int:

@@ -148,6 +148,14 @@ def test_missing_inputs_are_named(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_inputs_without_text(tmp_path):
+    (tmp_path / "empty.txt").write_text("")
+    write_jsonl(tmp_path / "blank.jsonl", ["", ""])
+    with pytest.raises(DataError, match="the inputs hold 0 token"):
+        P.prepare([str(tmp_path / "empty.txt"), str(tmp_path / "blank.jsonl")], str(tmp_path / "out"))
+    assert not (tmp_path / "out" / "meta.json").exists()
+
+
 def test_hf_urls_need_huggingface_hub(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # as if it were not installed
     monkeypatch.delitem(importlib.import_module("fsspec.registry")._registry, "hf", raising=False)
@@ -193,6 +201,7 @@ def test_interrupted_run_keeps_the_previous_output(tmp_path, monkeypatch):
     corpus.write_text("Some text to tokenize. " * 100)
     out = tmp_path / "out"
     before = P.prepare([str(corpus)], str(out))
+    files = sorted(p.name for p in out.iterdir())
 
     def crash(*args):
         raise KeyboardInterrupt
@@ -201,6 +210,7 @@ def test_interrupted_run_keeps_the_previous_output(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         P.prepare([str(corpus)], str(out), force=True)
     assert json.loads((out / "meta.json").read_text()) == before
+    assert sorted(p.name for p in out.iterdir()) == files  # no staging folder left behind
     assert decode_all(out, T.gpt2()) == "Some text to tokenize. " * 100 + EOT
 
 
