@@ -1,0 +1,304 @@
+"""`gpt-train status RUN [--json]`: where a run stands, read from its own records only.
+
+RUN is a local path or any fsspec URL. Nothing here needs the scheduler, wandb or a GPU: the
+run directory's run.json, config.yaml, metrics.jsonl, events.jsonl and checkpoint metadata say
+everything (on an object store, metrics are as of the last checkpoint: they are written whole then).
+
+Restarts and their causes, from events.jsonl. Every start or resume after the first one is a
+restart; what ended the attempt before it is its cause:
+
+    previous attempt ended with          cause
+    preempted, cause "deadline"          time limit   (the run stopped itself before the job's end time)
+    preempted, SIGUSR2 under SLURM       time limit   (`--signal=USR2@...` before the time limit)
+    preempted, any other signal          preempted    (SIGTERM from scancel/preemption, SIGUSR1, a peer rank)
+    finish                               extended     (resumed after finishing, e.g. with a larger max_steps)
+    no record of how it ended            crash        (killed, out of memory, node failure, an exception)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+
+import yaml
+
+from gpt_train.errors import StorageError, UserError
+from gpt_train.storage import Store
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run", metavar="RUN", help="run directory (local path or fsspec URL, e.g. s3://bucket/runs/x)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+
+
+def run(args: argparse.Namespace) -> int:
+    info = read_run(args.run)
+    report = summarize(info)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(format_report(report))
+    return 0
+
+
+# -- reading a run -----------------------------------------------------------------------------------
+
+@dataclass
+class Attempt:
+    """One process lifetime of the run: from a start/resume event to whatever ended it."""
+
+    kind: str  # start | resume
+    start_time: float
+    start_step: int
+    slurm_job: str | None
+    end: str | None = None  # preempted | finish | None (no record: crashed, or still running)
+    end_cause: str | None = None  # the preemption cause (SIGTERM, SIGUSR2, deadline, peer)
+    end_time: float | None = None  # the end event's time, else the last metric's
+    last_step: int | None = None
+
+
+@dataclass
+class RunRecords:
+    url: str
+    run_id: str | None
+    config: dict
+    metrics: list[dict]
+    events: list[dict]
+    checkpoints: list[int]  # complete checkpoint steps, oldest first
+    newest_meta: dict | None  # meta.json of the newest complete checkpoint
+    attempts: list[Attempt] = field(default_factory=list)
+
+    @property
+    def label(self) -> str:
+        return self.url.rstrip("/").rsplit("/", 1)[-1] or self.url
+
+    def train(self) -> list[dict]:
+        return [m for m in self.metrics if isinstance(m.get("loss"), (int, float))]
+
+    def val(self) -> list[dict]:
+        return [m for m in self.metrics if isinstance(m.get("val_loss"), (int, float))]
+
+    def restarts(self) -> list[dict]:
+        out = []
+        for n, (before, after) in enumerate(zip(self.attempts, self.attempts[1:]), start=1):
+            cause, detail = restart_cause(before)
+            out.append({"n": n, "cause": cause, "detail": detail, "time": after.start_time,
+                        "stopped_at_step": before.last_step, "resumed_at_step": after.start_step,
+                        "slurm_job": after.slurm_job})
+        return out
+
+
+def _jsonl(store: Store, name: str) -> list[dict]:
+    try:
+        text = store.read_text(name)
+    except FileNotFoundError:
+        return []
+    out = []
+    for line in text.splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut short by a kill
+        if isinstance(record, dict):
+            out.append(record)
+    return out
+
+
+def read_run(url: str) -> RunRecords:
+    from gpt_train.checkpoint import list_steps, step_name
+
+    store = Store(url)
+    try:
+        if not store.exists():
+            raise UserError(f"no run at '{url}'")
+        names = set(store.listdir())
+    except StorageError as e:
+        raise UserError(f"cannot read run '{url}': {e}") from None
+    if not names & {"events.jsonl", "metrics.jsonl", "checkpoints", "run.json"}:
+        raise UserError(f"'{url}' is not a run directory (no events.jsonl, metrics.jsonl or checkpoints/)")
+    run_id = None
+    if "run.json" in names:
+        try:
+            run_id = json.loads(store.read_text("run.json")).get("id")
+        except (json.JSONDecodeError, AttributeError, FileNotFoundError):
+            pass
+    config = {}
+    if "config.yaml" in names:
+        try:
+            config = yaml.safe_load(store.read_text("config.yaml")) or {}
+        except (yaml.YAMLError, FileNotFoundError):
+            config = {}
+    steps = [s for s, complete in list_steps(store) if complete] if "checkpoints" in names else []
+    newest = None
+    for s in reversed(steps):
+        try:
+            newest = json.loads(store.read_text(f"checkpoints/{step_name(s)}/meta.json"))
+            break
+        except (FileNotFoundError, json.JSONDecodeError):
+            continue
+    if not config and newest:
+        config = newest.get("config", {})
+    records = RunRecords(url=store.url, run_id=run_id or (newest or {}).get("run_id"), config=config,
+                         metrics=_jsonl(store, "metrics.jsonl"), events=_jsonl(store, "events.jsonl"),
+                         checkpoints=steps, newest_meta=newest)
+    records.attempts = attempts(records.events, records.metrics)
+    return records
+
+
+def attempts(events: list[dict], metrics: list[dict]) -> list[Attempt]:
+    out: list[Attempt] = []
+    for e in events:
+        kind = e.get("event")
+        if kind in ("start", "resume"):
+            out.append(Attempt(kind=kind, start_time=float(e.get("time", 0)), start_step=int(e.get("step", 0)),
+                               slurm_job=e.get("slurm_job")))
+        elif kind in ("preempted", "finish") and out and out[-1].end is None:
+            out[-1].end, out[-1].end_cause = kind, e.get("cause")
+            out[-1].end_time, out[-1].last_step = float(e.get("time", 0)), e.get("step")
+    # Attempts without an end record: their last metric before the next attempt started.
+    times = [(m.get("time"), m.get("step")) for m in metrics if isinstance(m.get("time"), (int, float))]
+    for i, a in enumerate(out):
+        if a.end is not None:
+            continue
+        until = out[i + 1].start_time if i + 1 < len(out) else math.inf
+        mine = [(t, s) for t, s in times if a.start_time <= t < until]
+        a.end_time = max((t for t, _ in mine), default=a.start_time)
+        a.last_step = max((s for _, s in mine if isinstance(s, int)), default=a.start_step)
+    return out
+
+
+def restart_cause(before: Attempt) -> tuple[str, str | None]:
+    """(cause, detail) of the restart that followed the attempt `before`: see the module docstring."""
+    if before.end == "preempted":
+        detail = before.end_cause
+        if detail == "deadline" or (detail == "SIGUSR2" and before.slurm_job):
+            return "time limit", detail
+        return "preempted", detail
+    if before.end == "finish":
+        return "extended", None
+    return "crash", None
+
+
+# -- the report ----------------------------------------------------------------------------------------
+
+def summarize(info: RunRecords, now: float | None = None) -> dict:
+    now = time.time() if now is None else now
+    train, val = info.train(), info.val()
+    max_steps = (info.config.get("train") or {}).get("max_steps")
+    step = max([m["step"] for m in info.metrics if isinstance(m.get("step"), int)] + info.checkpoints, default=0)
+    tokens = max([m["tokens"] for m in info.metrics if isinstance(m.get("tokens"), int)], default=None)
+    last = info.attempts[-1] if info.attempts else None
+    finished = bool(last and last.end == "finish" and (max_steps is None or (last.last_step or 0) >= max_steps))
+
+    recent = [m["step_ms"] for m in train[-20:] if isinstance(m.get("step_ms"), (int, float))]
+    step_s = statistics.median(recent) / 1000 if recent else None
+    elapsed = sum(max(0.0, (a.end_time or a.start_time) - a.start_time) for a in info.attempts)
+    remaining = None
+    if step_s and max_steps and not finished:
+        remaining = max(0, max_steps - step) * step_s
+
+    if last is None:
+        state = "not started"
+    elif finished:
+        state = "finished"
+    elif last.end == "finish":
+        state = "finished (at a smaller max_steps than the config now says)"
+    elif last.end == "preempted":
+        cause, _ = restart_cause(last)
+        state = f"stopped: {cause} ({last.end_cause}) at step {last.last_step}; waiting to be requeued or resumed"
+    else:
+        idle = now - (last.end_time or last.start_time)
+        # Quiet for longer than this: no longer running. On an object store metrics land only at checkpoints.
+        quiet_ok = max(600.0, 20 * (step_s or 0))
+        if not Store(info.url).local:
+            quiet_ok = max(quiet_ok, 2 * ((info.config.get("checkpoint") or {}).get("interval") or 0) * (step_s or 0))
+        state = ("running" if idle <= quiet_ok else "stopped without a final record (crashed or killed)") \
+            + f", last record {format_duration(idle)} ago"
+
+    newest = info.newest_meta
+    report = {
+        "run": info.url,
+        "id": info.run_id,
+        "state": state,
+        "finished": finished,
+        "step": step,
+        "max_steps": max_steps,
+        "progress": (step / max_steps) if max_steps else None,
+        "tokens": tokens,
+        "checkpoint": None if newest is None else {
+            "step": newest.get("step"), "url": f"{info.url}/checkpoints/step-{int(newest.get('step', 0)):08d}",
+            "val_loss": newest.get("val_loss"), "tokens": newest.get("tokens"), "final": newest.get("final", False),
+            "time": newest.get("time"),
+        },
+        "train_loss": None if not train else {"step": train[-1]["step"], "value": train[-1]["loss"]},
+        "val_loss": None if not val else {"step": val[-1]["step"], "value": val[-1]["val_loss"]},
+        "best_val_loss": min((m["val_loss"] for m in val), default=None),
+        "tokens_per_s": train[-1].get("tokens_per_s") if train else None,
+        "step_seconds": step_s,
+        "mfu": train[-1].get("mfu") if train else None,
+        "elapsed_s": elapsed,
+        "wall_s": ((last.end_time or now) if finished else now) - info.attempts[0].start_time if info.attempts else 0.0,
+        "remaining_s": remaining,
+        "attempts": len(info.attempts),
+        "restarts": info.restarts(),
+    }
+    return report
+
+
+def format_duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    minutes, s = divmod(seconds, 60)
+    if minutes < 60:
+        return f"{minutes}m {s:02d}s"
+    hours, m = divmod(minutes, 60)
+    if hours < 48:
+        return f"{hours}h {m:02d}m"
+    days, h = divmod(hours, 24)
+    return f"{days}d {h:02d}h"
+
+
+def _when(t: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
+
+
+def format_report(r: dict) -> str:
+    lines = [f"run:        {r['run']}" + (f" (id {r['id']})" if r["id"] else "")]
+    lines.append(f"state:      {r['state']}")
+    of = f" / {r['max_steps']:,} ({r['progress']:.1%})" if r["max_steps"] else ""
+    lines.append(f"step:       {r['step']:,}{of}" + (f", {r['tokens']:,} tokens" if r["tokens"] is not None else ""))
+    c = r["checkpoint"]
+    if c:
+        extra = (f", val loss {c['val_loss']:.4f}" if c["val_loss"] is not None else "") + (", final" if c["final"] else "")
+        lines.append(f"checkpoint: step {c['step']:,}{extra}  {c['url']}")
+    else:
+        lines.append("checkpoint: none yet")
+    loss = []
+    if r["train_loss"]:
+        loss.append(f"train {r['train_loss']['value']:.4f} (step {r['train_loss']['step']:,})")
+    if r["val_loss"]:
+        loss.append(f"val {r['val_loss']['value']:.4f} (step {r['val_loss']['step']:,}, best {r['best_val_loss']:.4f})")
+    lines.append("loss:       " + (", ".join(loss) or "-"))
+    if r["tokens_per_s"] is not None:
+        lines.append(f"speed:      {r['tokens_per_s']:,.0f} tokens/s, {r['step_seconds'] * 1000:,.0f} ms/step"
+                     + (f", MFU {r['mfu']:.1%}" if r["mfu"] else ""))
+    lines.append(f"elapsed:    {format_duration(r['elapsed_s'])} training in {r['attempts']} attempt(s), "
+                 f"{format_duration(r['wall_s'])} since the first start")
+    if not r["finished"]:
+        lines.append("remaining:  " + (f"about {format_duration(r['remaining_s'])} at the recent speed"
+                                       if r["remaining_s"] is not None else "unknown"))
+    lines.append(f"restarts:   {len(r['restarts'])}")
+    for x in r["restarts"]:
+        detail = f" ({x['detail']})" if x["detail"] else ""
+        job = f", SLURM job {x['slurm_job']}" if x["slurm_job"] else ""
+        lines.append(f"  {x['n']}. {_when(x['time'])}  {x['cause']}{detail}: stopped at step {x['stopped_at_step']}, "
+                     f"resumed from step {x['resumed_at_step']}{job}")
+    lines.append(f"finished:   {'yes' if r['finished'] else 'no'}")
+    return "\n".join(lines)
