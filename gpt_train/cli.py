@@ -17,6 +17,10 @@ COMMANDS = {
     "train": ("gpt_train.train", "train (or resume) a run"),
     "generate": ("gpt_train.sampling", "sample text from a run or checkpoint"),
     "export": ("gpt_train.export", "write a checkpoint's weights as safetensors"),
+    "env": ("gpt_train.env", "what a run would see: versions, devices, launcher world, NCCL settings, run_dir"),
+    "status": ("gpt_train.status", "where a run stands: step, losses, speed, restarts and their causes"),
+    "plot": ("gpt_train.plot", "plot loss and lr of one or more runs against step and tokens"),
+    "eval": ("gpt_train.evaluate", "evaluate a checkpoint: HellaSwag accuracy or loss on a prepared split"),
 }
 
 

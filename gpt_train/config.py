@@ -92,9 +92,19 @@ class LoggingConfig:
 
 @dataclass
 class DistributedConfig:
+    # ddp: every rank holds the whole model; fsdp: parameters, gradients and AdamW state sharded (fully_shard)
     strategy: str = field(default="ddp", metadata={"choices": ("ddp", "fsdp")})
-    backend: str = field(default="auto", metadata={"choices": ("auto", "nccl", "gloo")})
-    timeout_s: int = 600  # collective timeout: a dead peer ends the job instead of hanging it
+    backend: str = field(default="auto", metadata={"choices": ("auto", "nccl", "gloo")})  # auto: nccl on CUDA, gloo on CPU
+    timeout_s: int = 600  # rendezvous and collective timeout: a dead peer ends the job instead of hanging it
+    # The settings below are applied to the environment before the process group starts. A value set here
+    # wins over the environment (it is saved with the run); an unset one ("", 0, auto) leaves it alone.
+    master_addr: str = ""  # "" = from the launcher: torchrun's rendezvous, MASTER_ADDR, the first SLURM host
+    master_port: int = 0  # 0 = from the launcher (MASTER_PORT; srun: 20000 + job id % 20000; else 29500)
+    socket_ifname: str = ""  # NCCL_SOCKET_IFNAME and GLOO_SOCKET_IFNAME, e.g. "eth0", "ib0" or "^lo,docker"
+    ib: str = field(default="auto", metadata={"choices": ("auto", "on", "off")})  # NCCL_IB_DISABLE: on=0, off=1
+    nccl_debug: str = field(default="", metadata={"choices": ("", "VERSION", "WARN", "INFO", "TRACE")})  # NCCL_DEBUG
+    # TORCH_NCCL_ASYNC_ERROR_HANDLING: 1 = a failed or timed-out collective aborts the process (torchrun's default)
+    async_error_handling: str = field(default="auto", metadata={"choices": ("auto", "0", "1", "2", "3")})
 
 
 @dataclass

@@ -17,7 +17,6 @@ import uuid
 
 import numpy as np
 import torch
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 import gpt_train
 from gpt_train import checkpoint, data, distributed, optim, precision
@@ -79,7 +78,7 @@ def train(cfg: Config) -> int:
     world = distributed.detect_world()
     validate(cfg, world.world_size)
     device = distributed.pick_device(cfg.train.device, world)
-    backend = distributed.init(world, device, cfg.distributed.backend, cfg.distributed.timeout_s)
+    backend = distributed.init(world, device, cfg.distributed)
     try:
         return _train(cfg, world, device, backend)
     finally:
@@ -134,13 +133,17 @@ def _train(cfg: Config, world: distributed.World, device: torch.device, backend:
         load_hf_gpt2(model, cfg.model.init_from)
     model.to(device)
 
-    optimizer = optim.build_optimizer(model, cfg, device.type)
+    raw_model = model
+    if t.compile:
+        model = torch.compile(model)
+    model = distributed.wrap(model, world, device, cfg)  # DDP, FSDP2 (shards raw_model in place), or the model
+    optimizer = optim.build_optimizer(raw_model, cfg, device.type)  # after wrap: FSDP2 replaces the parameters
     scaler = torch.amp.GradScaler(device.type, enabled=prec == "fp16")
     step, tokens, best_val = 0, 0, None
-    run_id = uuid.uuid4().hex[:12]
+    run_id = RunLog.identify(store, ckpt and ckpt.meta) if world.is_main else ""  # RUN/run.json
     loader = data.Loader(train_split, t.seed, t.batch_tokens // seq_len, t.micro_batch, world.rank, world.world_size)
     if ckpt:
-        optimizer.load_state_dict(ckpt.optimizer["optimizer"])
+        distributed.load_optimizer_state(raw_model, optimizer, ckpt.optimizer["optimizer"])
         if ckpt.optimizer.get("scaler"):
             scaler.load_state_dict(ckpt.optimizer["scaler"])
         m = ckpt.meta
@@ -157,17 +160,11 @@ def _train(cfg: Config, world: distributed.World, device: torch.device, backend:
         torch.manual_seed(t.seed + world.rank)
     del ckpt
 
-    raw_model = model
-    if t.compile:
-        model = torch.compile(model)
-    if world.distributed:
-        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-
     accum = loader.accum_steps
     flops_per_step = raw_model.flops_per_token(seq_len) * t.batch_tokens
     peak = precision.peak_flops(device, prec) if world.is_main else None
-    say(f"world: {world.world_size} rank(s) on {world.nodes} node(s), launcher {world.launcher}, backend {backend or 'none'}"
-        + (f", master {world.master_addr}:{world.master_port}" if world.distributed else ""))
+    say(f"world: {world.describe()}, backend {backend or 'none'}"
+        + (f", strategy {cfg.distributed.strategy}, master {world.master_addr}:{world.master_port}" if world.distributed else ""))
     say(f"device: {device}, precision {prec}, compile {t.compile}, deterministic {deterministic}")
     say(f"model: {raw_model.num_params() / 1e6:.2f}M parameters, {cfg.model.n_layer} layers, {cfg.model.n_embd} wide, "
         f"vocab {cfg.model.vocab_size} ({meta['tokenizer']['name']})")
@@ -182,7 +179,7 @@ def _train(cfg: Config, world: distributed.World, device: torch.device, backend:
     log = None
     if world.is_main:
         store.write_text("config.yaml", dump(cfg))
-        log = RunLog(store, resume_step=step)
+        log = RunLog(store, resume_step=step, config=cfg)
         log.event("resume" if step else "start", step=step, world_size=world.world_size,
                   slurm_job=os.environ.get("SLURM_JOB_ID"), restart=int(os.environ.get("SLURM_RESTART_COUNT", 0)))
     say("config:\n" + dump(cfg).rstrip())
@@ -208,6 +205,8 @@ def _train(cfg: Config, world: distributed.World, device: torch.device, backend:
 
     def save(val_loss: float | None, final: bool = False) -> None:
         rngs = distributed.all_gather_object(rng_state())
+        # Every rank takes part: under FSDP these gather the shards, into rank 0's host memory.
+        weights, opt = distributed.model_state(raw_model), distributed.optimizer_state(raw_model, optimizer)
         if not world.is_main:
             return
         meta_out = {
@@ -216,8 +215,8 @@ def _train(cfg: Config, world: distributed.World, device: torch.device, backend:
             "world_size": world.world_size, "config": to_dict(cfg), "tokenizer": meta["tokenizer"],
             "version": gpt_train.__version__, "git_commit": git_commit(), "time": time.time(),
         }
-        opt_state = {"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if scaler.is_enabled() else None}
-        blocked = ckpts.save(step, checkpoint.model_state(raw_model), opt_state, rngs, meta_out)
+        opt_state = {"optimizer": opt, "scaler": scaler.state_dict() if scaler.is_enabled() else None}
+        blocked = ckpts.save(step, weights, opt_state, rngs, meta_out)
         log.flush()
         say(f"checkpoint: step {step} snapshot taken, training blocked {blocked * 1000:.0f} ms")
 
@@ -282,7 +281,9 @@ def _train(cfg: Config, world: distributed.World, device: torch.device, backend:
                 log.metric(step=step, val_loss=val_loss, tokens=tokens, time=time.time())
 
         if world.is_main and ((t.sample_interval and step % t.sample_interval == 0) or last):
-            say(f"sample at step {step}:\n{sample_text()}\n", flush=True)
+            text = sample_text()
+            say(f"sample at step {step}:\n{text}\n", flush=True)
+            log.sample(step, text)
 
         if (cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0) or last:
             save(val_loss, final=last)
