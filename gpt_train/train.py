@@ -13,7 +13,6 @@ import os
 import random
 import subprocess
 import time
-import uuid
 
 import numpy as np
 import torch
