@@ -119,6 +119,7 @@ class Loader:
 def eval_batches(split: Split, batches: int, micro_batch: int, rank: int, world_size: int):
     """A fixed, ordered subset of the split, so that every evaluation measures the same tokens."""
     total = min(batches * micro_batch, split.num_windows)
+    total -= total % world_size  # the same number of batches on every rank: a sharded forward needs them all
     mine = list(range(rank, total, world_size))
     for i in range(0, len(mine), micro_batch):
         rows = split.windows(mine[i : i + micro_batch])

@@ -319,10 +319,6 @@ def wrap(model: torch.nn.Module, world: World, device: torch.device, cfg) -> tor
     if precision.choose(cfg.train.precision, device) == "fp16":
         raise ConfigError("distributed.strategy=fsdp does not support train.precision=fp16 (its loss scaler would "
                           "see only this rank's shard of the gradients): use bf16 or fp32, or strategy=ddp")
-    if cfg.train.sample_tokens > 0:
-        # Sampling runs on rank 0 alone, and a sharded forward needs every rank: the trainer would hang there.
-        raise ConfigError("distributed.strategy=fsdp cannot sample during training yet: set train.sample_tokens=0 "
-                          "and sample from the checkpoint afterwards with `gpt-train generate RUN_DIR`")
     inner = getattr(model, "_orig_mod", model)  # torch.compile's wrapper compiles lazily: shard what it wraps
     mesh = init_device_mesh(device.type, (world.world_size,))
     for block in inner.transformer.h:

@@ -279,10 +279,12 @@ def _train(cfg: Config, world: distributed.World, device: torch.device, backend:
             if log:
                 log.metric(step=step, val_loss=val_loss, tokens=tokens, time=time.time())
 
-        if world.is_main and ((t.sample_interval and step % t.sample_interval == 0) or last):
-            text = sample_text()
-            say(f"sample at step {step}:\n{text}\n", flush=True)
-            log.sample(step, text)
+        if t.sample_tokens and ((t.sample_interval and step % t.sample_interval == 0) or last):
+            with distributed.gathered(raw_model):  # FSDP: every rank gathers the weights so rank 0 can run alone
+                text = sample_text() if world.is_main else None
+            if world.is_main:
+                say(f"sample at step {step}:\n{text}\n", flush=True)
+                log.sample(step, text)
 
         if (cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0) or last:
             save(val_loss, final=last)

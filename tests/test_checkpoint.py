@@ -144,6 +144,7 @@ WRITER = textwrap.dedent("""
     from gpt_train.checkpoint import Checkpointer
     ck = Checkpointer(sys.argv[1], keep_last=2, keep_best=False, asynchronous=True, log=lambda m: None)
     step = int(sys.argv[2])
+    print("ready", flush=True)  # imports take seconds on a loaded machine: the kill times count from here
     while True:
         step += 1
         g = torch.Generator().manual_seed(step)
@@ -158,8 +159,9 @@ def test_kill_at_random_points_during_saves_always_leaves_a_valid_checkpoint(tmp
     trials = 0
     last = 0
     while trials < 12 and time.monotonic() < deadline:
-        proc = subprocess.Popen([sys.executable, "-c", WRITER, str(run), str(last)], cwd=REPO)
-        time.sleep(rng.uniform(1.5, 3.0))
+        proc = subprocess.Popen([sys.executable, "-c", WRITER, str(run), str(last)], cwd=REPO, stdout=subprocess.PIPE, text=True)
+        assert proc.stdout.readline().strip() == "ready"
+        time.sleep(rng.uniform(0.3, 2.0))
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         trials += 1
@@ -233,7 +235,7 @@ def test_s3_run_resumes_and_survives_a_corrupt_shard_and_a_lost_manifest(s3_buck
 @pytest.mark.s3
 def test_s3_writer_killed_mid_upload_leaves_a_loadable_run(s3_bucket):
     run = f"{s3_bucket}/runs/killed"
-    proc = subprocess.Popen([sys.executable, "-c", WRITER, run, "0"], cwd=REPO)
+    proc = subprocess.Popen([sys.executable, "-c", WRITER, run, "0"], cwd=REPO, stdout=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and Checkpointer(run, 2, False).load_newest() is None:
         time.sleep(0.5)
