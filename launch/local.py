@@ -1,0 +1,127 @@
+"""torchrun on this machine: all of a one-node run, or one node of a multi-node run (the commands for the
+other nodes are printed), or the same inside `docker run` with the project's image (docker/Dockerfile).
+
+Without SLURM nothing requeues: a run stopped by a signal checkpoints and exits 75; starting the same command
+again resumes it. --max-restarts becomes torchrun's own (restart the workers of a node after a failure).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass
+
+from launch.spec import JobSpec, credential_names, passthrough_names, quote
+
+FORWARDED = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGHUP)
+
+
+@dataclass
+class Node:
+    node_rank: int = 0
+    master_addr: str = ""
+    master_port: int = 29500
+    max_restarts: int = 0
+
+
+def train_command(spec: JobSpec, node: Node, python: str) -> list[str]:
+    """The command for one node: plain python for one rank, torchrun otherwise."""
+    if spec.world_size == 1:
+        return spec.train_command(python)
+    argv = [python, "-m", "torch.distributed.run"]
+    if spec.nodes == 1:
+        argv += ["--standalone", "--nnodes=1"]
+    else:
+        argv += [f"--nnodes={spec.nodes}", f"--node-rank={node.node_rank}", f"--master-addr={node.master_addr}",
+                 f"--master-port={node.master_port}"]
+    argv.append(f"--nproc-per-node={spec.ranks_per_node}")
+    if node.max_restarts:
+        argv.append(f"--max-restarts={node.max_restarts}")
+    return argv + ["-m", "gpt_train", *spec.train_args()]
+
+
+def docker_command(spec: JobSpec, node: Node, image: str, gpus: bool, environ: dict | None = None) -> list[str]:
+    """`docker run` of the image's entrypoint (`train CONFIG ...`; it starts torchrun with NPROC_PER_NODE ranks
+    and TORCHRUN_ARGS). The working directory is mounted at the same path, so relative and absolute paths
+    under it (configs, data, a local run_dir) mean the same inside. Credentials go as `-e NAME`: docker copies
+    the value from its own environment, so it never appears on the command line."""
+    environ = os.environ if environ is None else environ
+    cwd = os.getcwd()
+    argv = ["docker", "run", "--rm", "--init", "--network=host", "--ipc=host", "--stop-timeout=180"]
+    if gpus:
+        argv.append("--gpus=all")
+    if os.getuid() != 0:
+        argv.append(f"--user={os.getuid()}:{os.getgid()}")
+    volumes = [cwd]
+    if "://" not in spec.run_dir and not spec.run_dir.startswith(cwd + "/"):
+        volumes.append(os.path.dirname(spec.run_dir))
+    if os.path.isabs(spec.config) and not spec.config.startswith(cwd + "/"):
+        volumes.append(os.path.dirname(spec.config))
+    for v in dict.fromkeys(volumes):
+        argv.append(f"--volume={v}:{v}")
+    argv.append(f"--workdir={cwd}")
+    argv += [f"--env=NPROC_PER_NODE={spec.ranks_per_node}"]
+    if spec.nodes > 1:
+        argv.append(f"--env=TORCHRUN_ARGS=--nnodes={spec.nodes} --node-rank={node.node_rank} "
+                    f"--master-addr={node.master_addr} --master-port={node.master_port}")
+    argv += [f"--env={k}={v}" for k, v in spec.env.items()]
+    by_name = [n for n in credential_names(environ) + passthrough_names(environ) if n not in spec.env]
+    argv += [f"--env={n}" for n in by_name]
+    return argv + [image, *spec.train_args()]
+
+
+def describe(spec: JobSpec, node: Node, commands: dict[int, list[str]], environ: dict | None = None) -> str:
+    """The command of each node, the environment set by value, and the credentials passed by name."""
+    lines = []
+    env_prefix = quote([f"{k}={v}" for k, v in spec.env.items()])
+    for rank, argv in sorted(commands.items()):
+        head = "this node" if rank == node.node_rank else "run on node"
+        label = f"# node {rank} ({head})" if spec.nodes > 1 else "# command"
+        lines += [label, (env_prefix + " " if env_prefix else "") + quote(argv)]
+    creds = credential_names(environ)
+    if creds:
+        lines.append("# credentials passed by name (from the environment; values not shown): " + " ".join(creds))
+        if spec.nodes > 1:
+            lines.append("# set them on every node before its command")
+    return "\n".join(lines)
+
+
+def _die_with_parent() -> None:
+    """In the child before exec (Linux): SIGTERM when the launcher dies, even by SIGKILL."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def run(argv: list[str], env: dict[str, str]) -> int:
+    """Run the node's command; stopping signals are passed on (torchrun hands them to its workers)."""
+    proc = subprocess.Popen(argv, env={**os.environ, **env},
+                            preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
+    previous = {}
+
+    def forward(signum, frame):
+        try:
+            proc.send_signal(signum)
+        except ProcessLookupError:
+            pass
+
+    for sig in FORWARDED:
+        previous[sig] = signal.signal(sig, forward)
+    previous[signal.SIGINT] = signal.signal(signal.SIGINT, signal.SIG_IGN)  # the terminal sends it to the child too
+    try:
+        return proc.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if proc.poll() is None:  # nothing outlives the launcher
+            proc.kill()
+            proc.wait()
+
+
+def python() -> str:
+    return sys.executable

@@ -1,0 +1,351 @@
+"""SLURM through submitit: one task per GPU (or per CPU rank), each running `gpt_train.train.train` in-process.
+
+Who does what when the job must stop (measured on SLURM 22.05, see docs/launching.md):
+
+* The trainer (gpt_train/preemption.py) turns SIGTERM, SIGUSR1, SIGUSR2 and the job's end time into a
+  checkpoint at a step boundary, agreed by every rank, and returns 75 ("requeue me"). `Trainer` below exits
+  the task with 75.
+* The requeue is issued by the *batch shell*, after srun returns (the teardown lines below), never from inside
+  the step: inside a container there is usually no `scontrol`, and a job that ends by itself during a
+  preemption's grace time is not requeued by SLURM (it ends FAILED or COMPLETED). The batch shell requeues when
+  the ranks exited 75, when the job was preempted (`PreemptTime` set) and the ranks died before they could
+  checkpoint, or when the time limit's SIGTERM found them and they exited 75; never after `scancel`. At most
+  --max-restarts times, counted by SLURM_RESTART_COUNT.
+* SLURM sends USR2 to the ranks `signal_delay_s` before the time limit (`--signal=USR2@N`); submitit's own
+  USR2 handler (checkpoint() then `scontrol requeue` from rank 0) only acts before the trainer has installed
+  its handlers, i.e. while a restart is still loading. `Trainer.checkpoint` resubmits the same callable: the
+  state is in the run directory. submitit's `max_num_timeout` is set to --max-restarts as well.
+* A requeue after the run finished runs `train()` again, which sees step >= max_steps and returns 0 at once.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import submitit
+from submitit.helpers import Checkpointable
+
+from launch.spec import JobSpec, job_python
+
+REQUEUE_EXIT = 75  # gpt_train.preemption.REQUEUE_EXIT (not imported: this module must not import torch)
+TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE",
+            "REVOKED", "SPECIAL_EXIT"}
+
+
+@dataclass
+class Resources:
+    partition: str = ""
+    account: str = ""
+    qos: str = ""
+    time_min: int = 24 * 60
+    constraint: str = ""
+    mem: str = ""
+    exclusive: bool = False
+    cpus_per_task: int = 0
+    gpus: bool = True  # False: the ranks are CPU processes (no GPU request)
+    signal_delay_s: int = 180
+    max_restarts: int = 10
+    sbatch_args: list[str] = field(default_factory=list)  # "--key=value" or "--flag"
+    log_dir: str = ""
+    container_image: str = ""  # pyxis
+    container_mounts: str = ""
+    apptainer: str = ""
+    container_python: str = "python3"
+
+
+# -- resources -----------------------------------------------------------------------------------------------
+
+def parse_time(text: str) -> int:
+    """SLURM's time formats (MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS) as whole minutes, rounded up."""
+    text = str(text).strip()
+    days, _, rest = text.rpartition("-") if "-" in text else ("0", "", text)
+    try:
+        parts = [int(p) for p in rest.split(":")]
+        d = int(days)
+    except ValueError:
+        raise ValueError(f"--time '{text}' is not a SLURM time (MM, HH:MM:SS or D-HH:MM:SS)") from None
+    if "-" in text:  # D-HH[:MM[:SS]]
+        parts += [0] * (3 - len(parts))
+        h, m, s = parts
+    elif len(parts) == 1:
+        h, m, s = 0, parts[0], 0
+    elif len(parts) == 2:
+        h, m, s = 0, parts[0], parts[1]
+    elif len(parts) == 3:
+        h, m, s = parts
+    else:
+        raise ValueError(f"--time '{text}' is not a SLURM time (MM, HH:MM:SS or D-HH:MM:SS)")
+    total_s = ((d * 24 + h) * 60 + m) * 60 + s
+    if total_s <= 0:
+        raise ValueError(f"--time '{text}' must be positive")
+    return -(-total_s // 60)
+
+
+def partition_has_gpus(partition: str = "", env: dict | None = None) -> bool | None:
+    """Whether the partition (the default one if empty) has GPU gres, from sinfo; None when sinfo cannot say."""
+    try:
+        out = subprocess.run(["sinfo", "-h", "-o", "%P %G"], capture_output=True, text=True, timeout=15, env=env)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if out.returncode != 0 or not out.stdout.strip():
+        return None
+    rows = [line.split(None, 1) for line in out.stdout.splitlines() if line.strip()]
+    wanted = [r for r in rows if (r[0].rstrip("*") == partition if partition else r[0].endswith("*"))] or rows
+    return any("gpu" in (r[1] if len(r) > 1 else "") for r in wanted)
+
+
+def _sbatch_arg(arg: str) -> tuple[str, object]:
+    if not arg.startswith("--") or len(arg) < 3:
+        raise ValueError(f"--sbatch-arg '{arg}': give sbatch's long form, --name=value or --flag")
+    key, sep, value = arg[2:].partition("=")
+    return key, (value if sep else True)
+
+
+def executor_parameters(spec: JobSpec, res: Resources) -> dict:
+    """SlurmExecutor.update_parameters(**this): every #SBATCH line of the job comes from here."""
+    extra = dict(_sbatch_arg(a) for a in res.sbatch_args)
+    params: dict = {
+        "job_name": spec.job_name,
+        "nodes": spec.nodes,
+        "ntasks_per_node": spec.ranks_per_node,  # one task per GPU (or per CPU rank)
+        "time": res.time_min,
+        "signal_delay_s": res.signal_delay_s,  # --signal=USR2@N, to the ranks
+        "wckey": None,  # submitit's default "submitit" is rejected where wckeys are enforced
+        "setup": setup_lines(spec, res),
+        "teardown": teardown_lines(res),
+        "additional_parameters": {"requeue": True, "chdir": os.getcwd(), **extra},
+    }
+    if res.gpus and not ({"gres", "gpus-per-node", "gpus_per_node", "gpus"} & set(extra)):
+        params["gpus_per_node"] = spec.ranks_per_node
+    for key in ("partition", "account", "qos", "constraint", "mem"):
+        if getattr(res, key):
+            params[key] = getattr(res, key)
+    if res.cpus_per_task:
+        params["cpus_per_task"] = res.cpus_per_task
+    if res.exclusive:
+        params["exclusive"] = True
+    # Not --kill-on-bad-exit: the ranks exit 75 a moment apart, and srun would kill the later ones, turning the
+    # step's 75 into 143. --wait: once one rank has ended, the others get 60 s, then srun kills them.
+    srun_args = ["--wait=60"]
+    if res.container_image:
+        srun_args += [f"--container-image={res.container_image}", f"--container-mounts={mounts(spec, res)}",
+                      f"--container-workdir={os.getcwd()}"]
+    params["srun_args"] = srun_args
+    return params
+
+
+def mounts(spec: JobSpec, res: Resources) -> str:
+    """Folders a container must see: the working directory, the logs (submitit's pickles) and a local run_dir."""
+    if res.container_mounts:
+        return res.container_mounts
+    paths = [os.getcwd(), log_dir(spec, res)]
+    if "://" not in spec.run_dir:
+        paths.append(os.path.dirname(spec.run_dir))
+    keep: list[str] = []
+    for p in sorted(set(paths), key=len):
+        if not any(p == k or p.startswith(k.rstrip("/") + "/") for k in keep):
+            keep.append(p)
+    return ",".join(f"{p}:{p}" for p in keep)
+
+
+def log_dir(spec: JobSpec, res: Resources) -> str:
+    return os.path.abspath(res.log_dir or os.path.join("logs", spec.job_name))
+
+
+def python_command(spec: JobSpec, res: Resources) -> str:
+    """The shell words that start python in each task (submitit appends `-u -m submitit.core._submit DIR`)."""
+    if res.apptainer:
+        nv = ["--nv"] if res.gpus else []
+        return shlex.join(["apptainer", "exec", *nv, "--bind", mounts(spec, res), res.apptainer, res.container_python])
+    if res.container_image:
+        return shlex.quote(res.container_python)
+    return shlex.quote(job_python())
+
+
+# -- the job script around srun --------------------------------------------------------------------------------
+
+def setup_lines(spec: JobSpec, res: Resources) -> list[str]:
+    """Batch-shell lines before srun: rendezvous address, threads, the job's end time, NCCL settings."""
+    lines = [
+        "# gpt-train (launch/slurm.py): the batch shell notes a SIGTERM (scancel, scontrol requeue, time limit)",
+        "gpt_train_term=0",
+        "trap 'gpt_train_term=1' TERM",
+        "# rendezvous: the first node of the allocation; a port from the job id, so two jobs on a node differ",
+        'MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" 2>/dev/null | head -n 1)',
+        'export MASTER_ADDR=${MASTER_ADDR:-$SLURMD_NODENAME}',
+        "export MASTER_PORT=$((20000 + SLURM_JOB_ID % 20000))",
+        "export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}",
+        "# the job's end time: the trainer stops preemption.deadline_margin_s before it (containers lack squeue)",
+        "unset GPT_TRAIN_DEADLINE",
+        'gpt_train_end=$(squeue -h -j "$SLURM_JOB_ID" -o %e 2>/dev/null)',
+        'case $gpt_train_end in [0-9][0-9][0-9][0-9]-*) GPT_TRAIN_DEADLINE=$(date -d "$gpt_train_end" +%s) && '
+        "export GPT_TRAIN_DEADLINE;; esac",
+    ]
+    lines += [f"export {k}={shlex.quote(v)}" for k, v in spec.env.items()]
+    lines.append('echo "gpt-train: job $SLURM_JOB_ID start $((${SLURM_RESTART_COUNT:-0} + 1)) on $SLURM_JOB_NODELIST, '
+                 '$SLURM_NTASKS task(s), master $MASTER_ADDR:$MASTER_PORT, ends ${gpt_train_end:-?}"')
+    return lines
+
+
+def teardown_lines(res: Resources) -> list[str]:
+    """Batch-shell lines after srun: requeue the job when the ranks asked for it (or were preempted)."""
+    cap = int(res.max_restarts)
+    return [
+        "gpt_train_rc=$?",
+        "# gpt-train (launch/slurm.py): requeue from the batch shell, never from inside the step or a container",
+        'gpt_train_why=""',
+        'if [ "$gpt_train_rc" != 0 ]; then',
+        '  gpt_train_job=$(scontrol show job "$SLURM_JOB_ID" 2>/dev/null)',
+        '  if [ "$gpt_train_term" = 1 ]; then',
+        '    case "$gpt_train_rc $gpt_train_job" in',
+        '      "75 "*Reason=TimeLimit*) gpt_train_why="the time limit came";;',
+        "    esac",
+        '  elif [ "$gpt_train_rc" = 75 ]; then',
+        '    gpt_train_why="the ranks checkpointed and exited 75"',
+        "  else",
+        '    case $gpt_train_job in *PreemptTime=[0-9]*) gpt_train_why="preempted (exit $gpt_train_rc)";; esac',
+        '    if [ -z "$gpt_train_why" ] && [ "$gpt_train_rc" = 140 ]; then',
+        '      gpt_train_why="USR2 (time limit near) came before the ranks listened"',
+        "    fi",
+        "  fi",
+        "fi",
+        'if [ -n "$gpt_train_why" ]; then',
+        f'  if [ "${{SLURM_RESTART_COUNT:-0}}" -lt {cap} ]; then',
+        f'    echo "gpt-train: $gpt_train_why: requeueing job $SLURM_JOB_ID'
+        f' (restart $((${{SLURM_RESTART_COUNT:-0}} + 1)) of at most {cap})"',
+        '    scontrol requeue "$SLURM_JOB_ID" && exit 0',
+        '    echo "gpt-train: scontrol requeue $SLURM_JOB_ID failed"',
+        "  else",
+        f'    echo "gpt-train: $gpt_train_why, but the job was restarted ${{SLURM_RESTART_COUNT:-0}} times '
+        f'(--max-restarts {cap}): not requeueing"',
+        "  fi",
+        "fi",
+        'exit "$gpt_train_rc"',
+    ]
+
+
+# -- what each task runs ---------------------------------------------------------------------------------------
+
+class Trainer(Checkpointable):
+    """The submitted callable: once per task. Sets the c10d variables from submitit's JobEnvironment (as
+    submitit.helpers.TorchDistributedEnvironment does) and runs the training loop in this process."""
+
+    def __init__(self, config: str, overrides: list[str], env: dict[str, str] | None = None):
+        self.config = config
+        self.overrides = list(overrides)
+        self.env = dict(env or {})
+
+    def world_env(self) -> dict[str, str]:
+        job = submitit.JobEnvironment()
+        return {
+            "RANK": str(job.global_rank),
+            "LOCAL_RANK": str(job.local_rank),
+            "WORLD_SIZE": str(job.num_tasks),
+            "LOCAL_WORLD_SIZE": str(max(1, job.num_tasks // max(1, job.num_nodes))),
+            "MASTER_ADDR": os.environ.get("MASTER_ADDR") or job.hostnames[0],
+            "MASTER_PORT": os.environ.get("MASTER_PORT") or str(20000 + int(job.raw_job_id) % 20000),
+        }
+
+    def __call__(self) -> dict:
+        os.environ.update(self.env)
+        world = self.world_env()
+        os.environ.update(world)  # overwrite: a submission from inside another job must not leak its ranks
+        from gpt_train.config import load_config
+        from gpt_train.errors import UserError
+        from gpt_train.train import train
+
+        try:
+            rc = train(load_config(self.config, self.overrides))
+        except UserError as e:
+            print(f"gpt-train train: error: {e}", file=sys.stderr, flush=True)
+            raise
+        sys.stdout.flush()
+        if rc == REQUEUE_EXIT:
+            if world["RANK"] == "0":
+                print(f"gpt-train: the ranks stopped to be requeued (exit {REQUEUE_EXIT}); the batch shell requeues",
+                      flush=True)
+            raise SystemExit(REQUEUE_EXIT)  # no result pickle: the job is not over
+        if rc:
+            raise SystemExit(rc)
+        return {"rank": int(world["RANK"]), "restarts": int(os.environ.get("SLURM_RESTART_COUNT", 0))}
+
+    def checkpoint(self, *args, **kwargs):
+        """submitit's USR2 hook (only reached while the trainer is not yet listening): resubmit as is; the
+        training state is in the run directory."""
+        return super().checkpoint(*args, **kwargs)
+
+
+# -- submit, print, follow ---------------------------------------------------------------------------------------
+
+def folder(spec: JobSpec, res: Resources) -> str:
+    return os.path.join(log_dir(spec, res), "%j")
+
+
+def script_text(spec: JobSpec, res: Resources) -> str:
+    """The sbatch script submitit writes for this job (the same function it calls at submission)."""
+    from submitit.slurm.slurm import _make_sbatch_string
+
+    command = " ".join([python_command(spec, res), "-u -m submitit.core._submit", shlex.quote(folder(spec, res))])
+    return _make_sbatch_string(command=command, folder=folder(spec, res), **executor_parameters(spec, res))
+
+
+def make_executor(spec: JobSpec, res: Resources) -> submitit.SlurmExecutor:
+    ex = submitit.SlurmExecutor(folder=folder(spec, res), max_num_timeout=res.max_restarts,
+                                python=python_command(spec, res))
+    ex.update_parameters(**executor_parameters(spec, res))
+    return ex
+
+
+def submit(spec: JobSpec, res: Resources) -> submitit.Job:
+    return make_executor(spec, res).submit(Trainer(spec.config, spec.overrides, spec.env))
+
+
+def log_paths(job_id: str, spec: JobSpec, res: Resources) -> tuple[Path, Path]:
+    paths = submitit.core.utils.JobPaths(folder(spec, res), job_id=job_id, task_id=0)
+    return paths.stdout, paths.stderr
+
+
+def job_state(job_id: str) -> str | None:
+    """The live state from squeue, else the final one from sacct (None while neither knows the job)."""
+    q = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True, timeout=30)
+    if q.returncode == 0 and q.stdout.strip():
+        return q.stdout.split()[0]
+    a = subprocess.run(["sacct", "-n", "-X", "-P", "-o", "State", "-j", job_id], capture_output=True, text=True,
+                       timeout=30)
+    rows = [r.split()[0] for r in a.stdout.splitlines() if r.strip()]
+    return rows[-1] if rows else None
+
+
+def follow(job_id: str, out_path: Path, err_path: Path, poll_s: float = 1.0, timeout_s: float | None = None) -> str:
+    """Stream rank 0's stdout and stderr (every restart appends to them) until the job ends; its final state."""
+    offsets = {out_path: 0, err_path: 0}
+    streams = {out_path: sys.stdout, err_path: sys.stderr}
+    deadline = time.monotonic() + timeout_s if timeout_s else None
+    gone_since = None
+    while True:
+        for path, stream in streams.items():
+            try:
+                with open(path, "rb") as f:
+                    f.seek(offsets[path])
+                    data = f.read()
+            except FileNotFoundError:
+                continue
+            if data:
+                offsets[path] += len(data)
+                stream.write(data.decode(errors="replace"))
+                stream.flush()
+        state = job_state(job_id)
+        if state in TERMINAL:
+            if gone_since is None:  # one more pass: the last lines of the log may land after the state
+                gone_since = time.monotonic()
+            elif time.monotonic() - gone_since > 1.5:
+                return state
+        if deadline and time.monotonic() > deadline:
+            return state or "UNKNOWN"
+        time.sleep(poll_s)

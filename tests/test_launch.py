@@ -1,0 +1,341 @@
+"""launch/submit.py without a cluster: dry runs (SLURM, containers, local, docker), quoting, presets, the run
+directory fixed at submission, credentials by name, and real torchrun runs on this machine (2 CPU ranks; two
+"nodes" in network namespaces)."""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+
+from helpers import REPO, TINY, read_metrics, tiny_data  # noqa: F401
+from launch import submit
+from launch.slurm import parse_time
+
+SECRET = "s3cr3t-Value-that-must-not-leak"
+
+
+def dry(capsys, *argv: str) -> str:
+    rc = submit.main([*argv, "--dry-run"])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    return out
+
+
+def section(text: str, title: str) -> str:
+    """The lines under a `# ---- TITLE ...` header, up to the next header."""
+    block = text.split(f"# ---- {title}", 1)[1].split("\n", 1)[1]
+    return block.split("\n# ---- ", 1)[0]
+
+
+def _shellcheck() -> str | None:
+    return shutil.which("shellcheck") or shutil.which("shellcheck", path=os.path.dirname(sys.executable))
+
+
+def script_of(text: str) -> str:
+    return section(text, "sbatch script")
+
+
+def task_argv(text: str) -> list[str]:
+    """The per-task command of a SLURM dry run, as the shell would split it (env assignments dropped)."""
+    line = section(text, "each task").strip().splitlines()[0]
+    return [w for w in shlex.split(line) if not re.match(r"^[A-Z_]+=", w)]
+
+
+# -- SLURM dry runs ----------------------------------------------------------------------------------------------
+
+def test_dry_run_for_two_gpu_nodes_shows_what_the_cluster_needs(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    out = dry(capsys, "--nodes", "2", "--gpus", "4", "--gpu", "--ib", "--socket-ifname", "ib0", "--nccl-debug", "INFO",
+              "--partition", "gpu", "--time", "2-00:00:00", "gpt2-large")
+    script = script_of(out)
+    for line in ("#SBATCH --nodes=2", "#SBATCH --gpus-per-node=4", "#SBATCH --ntasks-per-node=4",
+                 "#SBATCH --requeue", "#SBATCH --signal=USR2@180", "#SBATCH --time=2880", "#SBATCH --partition=gpu",
+                 "#SBATCH --open-mode=append", "#SBATCH --job-name=gpt2-large", f"#SBATCH --chdir={tmp_path}",
+                 "export NCCL_IB_DISABLE=0", "export NCCL_SOCKET_IFNAME=ib0", "export GLOO_SOCKET_IFNAME=ib0",
+                 "export NCCL_DEBUG=INFO", "export MASTER_PORT=$((20000 + SLURM_JOB_ID % 20000))"):
+        assert line in script.splitlines(), line
+    assert 'MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST"' in script
+    srun = [ln for ln in script.splitlines() if ln.startswith("srun ")]
+    assert len(srun) == 1 and "--wait=60" in srun[0] and "-m submitit.core._submit" in srun[0]
+    # the requeue is the batch shell's, after srun, capped by SLURM_RESTART_COUNT
+    after = script.split(srun[0], 1)[1]
+    assert 'scontrol requeue "$SLURM_JOB_ID"' in after and '"${SLURM_RESTART_COUNT:-0}" -lt 10' in after
+    subprocess.run(["bash", "-n"], input=script, text=True, check=True)  # it is valid shell
+    shellcheck = _shellcheck()
+    if shellcheck:
+        p = subprocess.run([shellcheck, "-S", "warning", "-s", "bash", "-"], input=script, capture_output=True,
+                           text=True)
+        assert p.returncode == 0, p.stdout
+    assert "2 node(s) x 4 rank(s) = 8 rank(s), one task per GPU" in out
+    assert task_argv(out)[-3:] == ["train", "gpt2-large", f"run_dir={tmp_path}/runs/gpt2-large"]
+    assert "RANK=$SLURM_PROCID" in section(out, "each task")
+
+
+def test_dry_run_cpu_ranks_request_no_gpu(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    out = dry(capsys, "--nodes", "1", "--gpus", "2", "--cpu", "--cpus-per-task", "1", "default", "train.micro_batch=8")
+    script = script_of(out)
+    assert "#SBATCH --ntasks-per-node=2" in script and "#SBATCH --cpus-per-task=1" in script
+    assert "gpus" not in script and "gres" not in script
+    assert "one task per CPU rank (gloo), no GPU requested" in out
+
+
+def test_slurm_settings_and_extra_sbatch_arguments(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    out = dry(capsys, "--gpus", "8", "--gpu", "--account", "proj", "--qos", "high", "--constraint", "a100&ib",
+              "--mem", "200G", "--exclusive", "--job-name", "my run", "--max-restarts", "3", "--signal-delay", "300",
+              "--sbatch-arg=--gres=gpu:a100:8", "--sbatch-arg=--mail-type=END", "--sbatch-arg=--hold", "gpt2")
+    script = script_of(out)
+    for line in ("#SBATCH --account=proj", "#SBATCH --qos=high", "#SBATCH --constraint='a100&ib'", "#SBATCH --mem=200G",
+                 "#SBATCH --exclusive", "#SBATCH --job-name=my-run", "#SBATCH --gres=gpu:a100:8",
+                 "#SBATCH --mail-type=END", "#SBATCH --hold", "#SBATCH --signal=USR2@300"):
+        assert line in script.splitlines(), line
+    assert "--gpus-per-node" not in script  # --gres given: no second GPU request
+    assert '-lt 3 ]' in script and "wckey" not in script
+    assert f"run_dir={tmp_path}/runs/my-run" in out  # the job name replaces the last part of the config's run_dir
+
+
+def test_containers_pyxis_and_apptainer(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    out = dry(capsys, "--gpus", "4", "--gpu", "--container-image", "nvcr.io#nvidia/pytorch:24.05-py3", "gpt2")
+    script = script_of(out)
+    srun = next(ln for ln in script.splitlines() if ln.startswith("srun "))
+    assert "--container-image=nvcr.io#nvidia/pytorch:24.05-py3" in srun
+    assert f"--container-mounts={tmp_path}:{tmp_path}" in srun and f"--container-workdir={tmp_path}" in srun
+    assert " python3 -u -m submitit.core._submit " in srun
+    # requeue from the batch shell, outside the container
+    assert "scontrol" not in srun and 'scontrol requeue "$SLURM_JOB_ID"' in script.split(srun, 1)[1]
+
+    out = dry(capsys, "--gpus", "4", "--gpu", "--apptainer", "/images/gpt train.sif", "--container-mounts",
+              "/data:/data", "gpt2")
+    srun = next(ln for ln in script_of(out).splitlines() if ln.startswith("srun "))
+    assert "apptainer exec --nv --bind /data:/data '/images/gpt train.sif' python3 -u -m submitit.core._submit" in srun
+    assert "container-image" not in srun
+
+    rc = submit.main(["--container-image", "a", "--apptainer", "b", "gpt2", "--dry-run"])
+    assert rc == 2 and "not both" in capsys.readouterr().err
+
+
+def test_sbatch_script_is_valid_and_documents_its_variables():
+    path = REPO / "slurm" / "pretrain.sbatch"
+    subprocess.run(["bash", "-n", str(path)], check=True)
+    text = path.read_text()
+    for line in ("#SBATCH --requeue", "#SBATCH --signal=B:USR2@180", "#SBATCH --open-mode=append",
+                 "#SBATCH --gpus-per-node=8", "#SBATCH --ntasks-per-node=8"):
+        assert line in text.splitlines()
+    for var in ("GPT_TRAIN_PYTHON", "MAX_RESTARTS", "RUN_DIR", "CONTAINER_IMAGE", "APPTAINER_IMAGE",
+                "CONTAINER_MOUNTS"):
+        assert re.search(rf"^{var}=\$\{{{var}:-", text, re.M), var
+    assert 'CONFIG=${1:-configs/gpt2.yaml}' in text
+    assert '--container-image="$CONTAINER_IMAGE"' in text and 'apptainer exec --nv' in text
+    assert '[ "$RESTARTS" -lt "$MAX_RESTARTS" ]' in text and 'scontrol requeue "$SLURM_JOB_ID"' in text
+    shellcheck = _shellcheck()
+    if shellcheck:
+        p = subprocess.run([shellcheck, str(path)], capture_output=True, text=True)
+        assert p.returncode == 0, p.stdout
+
+
+# -- config, presets, run directory, quoting, credentials ----------------------------------------------------------
+
+def test_presets_resolve_from_a_name_configs_and_config_paths(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for name in ("gpt2-large", "config/gpt2-large.yaml", "configs/gpt2-large.yaml"):
+        out = dry(capsys, "--gpu", name)
+        assert f"# config: gpt2-large (preset {REPO}/configs/gpt2-large.yaml)" in out, name
+        assert task_argv(out)[-3:-1] == ["train", "gpt2-large"]
+    own = tmp_path / "config" / "gpt2-large.yaml"  # a real file of that name wins over the preset
+    own.parent.mkdir()
+    own.write_text("extends: gpt2-large\nrun_dir: runs/mine\n")
+    out = dry(capsys, "--gpu", "config/gpt2-large.yaml")
+    assert task_argv(out)[-3:] == ["train", str(own), f"run_dir={tmp_path}/runs/mine"]
+    rc = submit.main(["--gpu", "gpt2-lrage", "--dry-run"])
+    assert rc == 2 and "did you mean preset 'gpt2-large'" in capsys.readouterr().err
+
+
+def test_config_is_validated_for_the_job_world_size(capsys):
+    rc = submit.main(["--gpus", "3", "--gpu", "default", "--dry-run"])  # 2048 tokens = 16 x 128: not over 3 ranks
+    assert rc == 2 and "train.batch_tokens" in capsys.readouterr().err
+    rc = submit.main(["--gpu", "default", "optim.lrr=1", "--dry-run"])
+    assert rc == 2 and "did you mean 'optim.lr'" in capsys.readouterr().err
+
+
+def test_run_dir_is_fixed_at_submission(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert task_argv(dry(capsys, "--gpu", "gpt2"))[-1] == f"run_dir={tmp_path}/runs/gpt2"
+    assert task_argv(dry(capsys, "--gpu", "--job-name", "exp7", "gpt2"))[-1] == f"run_dir={tmp_path}/runs/exp7"
+    argv = task_argv(dry(capsys, "--gpu", "gpt2", "out_dir=rel/x", "optim.lr=1e-4"))
+    assert argv[-2:] == ["optim.lr=1e-4", f"run_dir={tmp_path}/rel/x"] and "out_dir=rel/x" not in argv
+    argv = task_argv(dry(capsys, "--gpu", "--run-dir", "s3://bucket/runs/a", "gpt2", "run_dir=ignored"))
+    assert argv[-1] == "run_dir=s3://bucket/runs/a" and sum(a.startswith("run_dir=") for a in argv) == 1
+
+
+@pytest.mark.parametrize("value", ["It's a \"test\" $HOME `id` \\n; rm -rf /tmp/x", "  spaced  out  ", "a=b=c"])
+def test_every_override_reaches_the_job_quoted(capsys, tmp_path, monkeypatch, value):
+    monkeypatch.chdir(tmp_path)
+    override = f"train.sample_prompt={value}"
+    assert override in task_argv(dry(capsys, "--gpu", "gpt2", override))
+    local = dry(capsys, "--backend", "local", "--gpus", "2", "gpt2", override)
+    line = next(ln for ln in local.splitlines() if "torch.distributed.run" in ln)
+    assert shlex.split(line)[-2] == override
+    docker = dry(capsys, "--backend", "docker", "--cpu", "default", override)
+    line = next(ln for ln in docker.splitlines() if ln.startswith("docker run"))
+    assert shlex.split(line)[-2] == override
+
+
+def test_credentials_are_passed_by_name_never_by_value(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for name in ("WANDB_API_KEY", "AWS_SECRET_ACCESS_KEY", "GOOGLE_APPLICATION_CREDENTIALS", "HF_TOKEN"):
+        monkeypatch.setenv(name, SECRET)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    outs = {
+        "slurm": dry(capsys, "--gpu", "--nodes", "2", "--gpus", "4", "gpt2"),
+        "local": dry(capsys, "--backend", "local", "--nodes", "2", "--gpus", "4", "--master-addr", "10.0.0.1", "gpt2"),
+        "docker": dry(capsys, "--backend", "docker", "--gpu", "--gpus", "4", "gpt2"),
+    }
+    for backend, out in outs.items():
+        assert SECRET not in out, backend
+        for name in ("WANDB_API_KEY", "AWS_SECRET_ACCESS_KEY", "GOOGLE_APPLICATION_CREDENTIALS", "HF_TOKEN"):
+            assert name in out, (backend, name)
+    docker = shlex.split(next(ln for ln in outs["docker"].splitlines() if ln.startswith("docker run")))
+    assert "--env=WANDB_API_KEY" in docker and "--env=AWS_SECRET_ACCESS_KEY" in docker and "--env=WANDB_MODE" in docker
+    assert "--gpus=all" in docker and "--env=NPROC_PER_NODE=4" in docker and docker[-2:] == ["gpt2", docker[-1]]
+
+
+# -- local backend: torchrun --------------------------------------------------------------------------------------
+
+def test_local_multi_node_prints_every_node_command(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    out = dry(capsys, "--backend", "local", "--nodes", "2", "--gpus", "4", "--node-rank", "1", "--master-addr",
+              "10.0.0.1", "--master-port", "29600", "--no-ib", "gpt2")
+    assert "# node 0 (run on node)" in out and "# node 1 (this node)" in out
+    lines = [shlex.split(ln) for ln in out.splitlines() if "torch.distributed.run" in ln]
+    assert len(lines) == 2
+    for rank, argv in enumerate(lines):
+        assert argv[0] == "NCCL_IB_DISABLE=1"
+        assert {"--nnodes=2", f"--node-rank={rank}", "--master-addr=10.0.0.1", "--master-port=29600",
+                "--nproc-per-node=4"} <= set(argv)
+        assert argv[-4:] == ["gpt_train", "train", "gpt2", f"run_dir={tmp_path}/runs/gpt2"]
+    rc = submit.main(["--backend", "local", "--nodes", "2", "gpt2", "--dry-run"])
+    assert rc == 2 and "--master-addr" in capsys.readouterr().err
+    out = dry(capsys, "--backend", "docker", "--nodes", "2", "--gpus", "4", "--master-addr", "10.0.0.1", "gpt2")
+    docker = [shlex.split(ln) for ln in out.splitlines() if ln.startswith("docker run")]
+    assert "--env=TORCHRUN_ARGS=--nnodes=2 --node-rank=1 --master-addr=10.0.0.1 --master-port=29500" in docker[1]
+
+
+def test_backend_defaults_to_slurm_only_where_sbatch_exists(monkeypatch, tmp_path):
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert submit.default_backend() == "local"
+    (tmp_path / "sbatch").write_text("#!/bin/sh\n")
+    (tmp_path / "sbatch").chmod(0o755)
+    assert submit.default_backend() == "slurm"
+
+
+def test_parse_time():
+    assert [parse_time(t) for t in ("90", "1:30", "01:00:00", "2-00", "1-12:30", "0-0:0:59", "24:00:00")] == \
+        [90, 2, 60, 2880, 2190, 1, 1440]
+    with pytest.raises(ValueError):
+        parse_time("soon")
+
+
+def _local_run(tiny_data, run_dir, *extra, env=None, prefix=(), timeout=300) -> subprocess.CompletedProcess:
+    argv = [*prefix, sys.executable, str(REPO / "launch" / "submit.py"), "--backend", "local", *extra, "default",
+            f"data.dir={tiny_data}", f"run_dir={run_dir}", *TINY, "max_steps=6"]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, cwd=REPO,
+                          env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})})
+
+
+def test_local_backend_runs_torchrun_with_two_cpu_ranks(tmp_path, tiny_data):
+    run = tmp_path / "run"
+    p = _local_run(tiny_data, run, "--gpus", "2")
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert "torch.distributed.run --standalone --nnodes=1 --nproc-per-node=2 -m gpt_train train default" in p.stdout
+    assert "world: 2 rank(s) on 1 node(s)" in p.stdout
+    assert [r["step"] for r in read_metrics(run) if "loss" in r] == [1, 2, 3, 4, 5, 6]
+
+
+@pytest.mark.netns
+def test_local_backend_two_nodes_in_network_namespaces(tmp_path, tiny_data, netns_hosts):
+    """Node 0 in gtt-n1, node 1 in gtt-n2: each runs `submit.py --backend local --node-rank R`."""
+    run = tmp_path / "run"
+    env = {"GLOO_SOCKET_IFNAME": "eth0"}
+    common = ("--nodes", "2", "--gpus", "1", "--master-addr", netns_hosts.addrs[0], "--master-port", "29731")
+    argv = lambda r: [*netns_hosts.prefix(r), sys.executable, str(REPO / "launch" / "submit.py"), "--backend",  # noqa
+                      "local", *common, "--node-rank", str(r), "default", f"data.dir={tiny_data}", f"run_dir={run}",
+                      *TINY, "max_steps=4"]
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **env}
+    procs = [subprocess.Popen(argv(r), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
+                              env=full_env) for r in (0, 1)]
+    t0 = time.monotonic()
+    outs = [p.communicate(timeout=240)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], "\n----\n".join(o[-3000:] for o in outs)
+    assert "world: 2 rank(s) on 2 node(s)" in outs[0], outs[0][-2000:]
+    assert "--node-rank=1" in outs[0] and "# node 1 (run on node)" in outs[0]
+    assert [r["step"] for r in read_metrics(run) if "loss" in r] == [1, 2, 3, 4]
+    assert time.monotonic() - t0 < 240
+
+
+# -- the requeue decision of the batch shell, with stub SLURM commands --------------------------------------------
+
+DECISIONS = [  # (srun's exit, batch shell got SIGTERM, `scontrol show job` says, restarts so far, requeued?)
+    (0, False, "JobState=RUNNING PreemptTime=None", 0, False),
+    (75, False, "JobState=RUNNING PreemptTime=None", 0, True),  # USR2, deadline, or preemption
+    (75, False, "JobState=RUNNING PreemptTime=None", 3, False),  # the cap
+    (75, True, "JobState=CANCELLED Reason=None PreemptTime=None", 0, False),  # scancel
+    (75, True, "JobState=COMPLETING Reason=TimeLimit PreemptTime=None", 0, True),  # time limit's SIGTERM
+    (143, False, "JobState=RUNNING PreemptTime=2026-11-22T01:16:11", 0, True),  # preempted while starting
+    (1, False, "JobState=RUNNING PreemptTime=None", 0, False),  # a crash
+]
+
+
+def _stubs(tmp_path, job_text: str) -> dict[str, str]:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    log = tmp_path / "calls"
+    stubs = {
+        "scontrol": f'echo "scontrol $*" >> {log}\ncase "$1 $2" in\n  "show hostnames") echo node1; echo node2 ;;\n'
+                    f'  "show job") echo "{job_text}" ;;\nesac\n',
+        "squeue": 'echo 2026-11-22T03:00:00\n',
+        "srun": f'printf "%s\\n" "$@" > {tmp_path / "srun-args"}\nexit "$FAKE_RC"\n',
+    }
+    for name, body in stubs.items():
+        (bin_dir / name).write_text("#!/bin/bash\n" + body)
+        (bin_dir / name).chmod(0o755)
+    return {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": "4242", "SLURM_NTASKS": "2",
+            "SLURM_JOB_NODELIST": "node[1-2]"}
+
+
+@pytest.mark.parametrize("rc,termed,job_text,restarts,requeued", DECISIONS)
+def test_sbatch_script_requeue_decision(tmp_path, rc, termed, job_text, restarts, requeued):
+    env = {**_stubs(tmp_path, job_text), "FAKE_RC": str(rc), "SLURM_RESTART_COUNT": str(restarts),
+           "MAX_RESTARTS": "3", "GPT_TRAIN_PYTHON": "python-x"}
+    script = (REPO / "slurm" / "pretrain.sbatch").read_text()
+    if termed:  # the batch shell's SIGTERM arrives while srun runs
+        env["FAKE_RC"] = str(rc)
+        script = script.replace('PID=$!\n', 'PID=$!\nkill -TERM $$\n', 1)
+    p = subprocess.run(["bash", "-c", script, "pretrain.sbatch", "gpt2", "optim.lr=1e-4", "x=a b"], env=env,
+                       capture_output=True, text=True, timeout=60)
+    calls = (tmp_path / "calls").read_text()
+    srun_args = (tmp_path / "srun-args").read_text().splitlines()
+    assert srun_args == ["--wait=60", "python-x", "-u", "-m", "gpt_train", "train", "gpt2", "optim.lr=1e-4", "x=a b"]
+    assert ("scontrol requeue 4242" in calls) == requeued, p.stdout
+    assert p.returncode == (0 if requeued else rc), p.stdout + p.stderr
+    assert "master node1:24242" in p.stdout  # 20000 + 4242 % 20000
+
+
+@pytest.mark.parametrize("rc,termed,job_text,restarts,requeued", DECISIONS)
+def test_submitit_teardown_requeue_decision(tmp_path, rc, termed, job_text, restarts, requeued):
+    from launch.slurm import Resources, teardown_lines
+
+    env = {**_stubs(tmp_path, job_text), "SLURM_RESTART_COUNT": str(restarts)}
+    body = "\n".join([f"gpt_train_term={int(termed)}", f"(exit {rc})", *teardown_lines(Resources(max_restarts=3))])
+    p = subprocess.run(["bash", "-c", body], env=env, capture_output=True, text=True, timeout=60)
+    calls = (tmp_path / "calls").read_text() if (tmp_path / "calls").exists() else ""
+    assert ("scontrol requeue 4242" in calls) == requeued, p.stdout
+    assert p.returncode == (0 if requeued else rc), p.stdout + p.stderr

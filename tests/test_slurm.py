@@ -1,0 +1,294 @@
+"""slurm/pretrain.sbatch and launch/submit.py against the real test clusters (docs/testing.md): a tiny CPU run
+completes; preempted (a higher-priority job, `scontrol requeue`, `scancel -b -s USR2`) and time-limited runs
+checkpoint, requeue, resume and complete with the losses of an uninterrupted run, no step lost or counted
+twice; two nodes in network namespaces, through sbatch and through submit.py.
+
+Requeued jobs are released at once with `scontrol update StartTime=now` instead of waiting out cred_expire.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from helpers import REPO, TINY, cli, losses, read_metrics, tiny_data, train_args  # noqa: F401
+
+pytestmark = pytest.mark.slurm
+
+MAX_STEPS = 40
+STEPS = [f"max_steps={MAX_STEPS}", "checkpoint.interval=5"]  # stops land between checkpoints
+PROMPT = "train.sample_prompt=It's \"quoted\" $HOME `id` ; x"  # must reach the job as typed
+TERMINAL = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL")
+STEP_LINE = re.compile(r"^step +\d+/\d+ \| loss", re.M)
+
+
+# -- helpers ---------------------------------------------------------------------------------------------------
+
+def job_env(cluster, **extra: str) -> dict[str, str]:
+    """The environment sbatch exports to the job: the repo's python, one thread per rank."""
+    env = {**cluster.env, "GPT_TRAIN_PYTHON": sys.executable, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
+           **extra}
+    env.pop("GPT_TRAIN_DEADLINE", None)
+    return env
+
+
+def sbatch(cluster, *args: str, env: dict | None = None, wrap: str | None = None) -> str:
+    argv = ["sbatch", "--parsable", *args] + (["--wrap", wrap] if wrap else [])
+    p = subprocess.run(argv, capture_output=True, text=True, env=env or cluster.env, cwd=REPO, timeout=60)
+    assert p.returncode == 0, p.stderr
+    return p.stdout.strip().split(";")[0]
+
+
+def job_args(data: str, run_dir: Path, *extra: str) -> list[str]:
+    return train_args(data, str(run_dir), *STEPS, *extra)[1:]  # without the "train" command
+
+
+def starts(text: str) -> list[str]:
+    """The output of each start of the job (the sbatch script and the submitit setup both print the marker)."""
+    return re.split(r"^gpt-train: job \d+ start \d+ ", text, flags=re.M)[1:]
+
+
+def wait_progress(path: Path, start: int, steps: int = 2, timeout: float = 180) -> None:
+    """Until the job's START-th run (1-based) has logged STEPS training steps."""
+    deadline = time.monotonic() + timeout
+    text = ""
+    while time.monotonic() < deadline:
+        text = path.read_text() if path.exists() else ""
+        runs = starts(text)
+        if len(runs) >= start and len(STEP_LINE.findall(runs[start - 1])) >= steps:
+            return
+        time.sleep(0.2)
+    raise TimeoutError(f"run {start} of the job did not log {steps} steps in {timeout}s:\n{text[-3000:]}")
+
+
+def release(cluster, job: str, timeout: float = 120) -> None:
+    """Wait until the stopped job is back in the queue, then start it without waiting out the cred_expire hold.
+    Not at once: slurmd revokes the old run's credential with a time in whole seconds, and a new one created in
+    that same second is refused ("Killing non-startable batch JobId=N: Job credential revoked"), which ends the
+    job FAILED. Two seconds later is safe."""
+    cluster.wait_state(job, "PENDING", timeout=timeout)
+    time.sleep(2)
+    deadline = time.monotonic() + timeout
+    while cluster.state(job) == "PENDING":
+        cluster.run("scontrol", "update", f"jobid={job}", "StartTime=now", check=False)
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"job {job} still pending after {timeout}s")
+        time.sleep(1)
+
+
+def events(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
+
+
+def check_resumed_exactly(run_dir: Path, reference: dict[int, float], causes: list[set[str]]) -> list[dict]:
+    """Each stop checkpointed and the next start resumed from that very step; every step was logged once;
+    the losses are the uninterrupted run's."""
+    ev = events(run_dir)
+    stops = [e for e in ev if e["event"] == "preempted"]
+    resumes = [e for e in ev if e["event"] == "resume"]
+    assert len(stops) == len(causes), ev
+    for stop, allowed in zip(stops, causes):
+        assert stop["cause"] in allowed and stop["checkpoint_landed"], stop
+        assert 0 < stop["step"] < MAX_STEPS, stop
+    assert [r["step"] for r in resumes] == [s["step"] for s in stops], ev  # nothing lost, nothing run twice
+    assert [e["event"] for e in ev].count("start") == 1 and ev[-1]["event"] == "finish" and ev[-1]["step"] == MAX_STEPS
+    steps = [r["step"] for r in read_metrics(run_dir) if "loss" in r]
+    assert steps == list(range(1, MAX_STEPS + 1)), steps
+    meta = json.loads((run_dir / "checkpoints" / f"step-{MAX_STEPS:08d}" / "meta.json").read_text())
+    assert meta["step"] == MAX_STEPS and meta["tokens"] == MAX_STEPS * 256
+    assert losses(run_dir) == reference
+    return stops
+
+
+@pytest.fixture
+def jobs(slurm_cluster):
+    """Job ids a test started; cancelled at its end (not the whole queue: the cluster may be shared)."""
+    ids: list[str] = []
+    yield ids
+    if ids:
+        slurm_cluster.run("scancel", *ids, check=False)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_data, tmp_path_factory) -> dict[int, float]:
+    """Losses of the same run, uninterrupted, as one local process."""
+    run = tmp_path_factory.mktemp("reference") / "run"
+    p = cli(*train_args(tiny_data, str(run), *STEPS, PROMPT), env={"OMP_NUM_THREADS": "1"})
+    assert p.returncode == 0, p.stderr[-2000:]
+    return losses(run)
+
+
+# -- slurm/pretrain.sbatch --------------------------------------------------------------------------------------
+
+SBATCH_CPU = ["-p", "debug", "--nodes=1", "--gpus-per-node=0", "--ntasks-per-node=1", "--cpus-per-task=1", "-t", "10"]
+
+
+def test_sbatch_tiny_cpu_run_completes_and_a_requeue_after_it_exits_at_once(slurm_cluster, tiny_data, tmp_path,
+                                                                            reference, jobs):
+    run, out = tmp_path / "run", tmp_path / "job.out"
+    job = sbatch(slurm_cluster, *SBATCH_CPU, "-J", "gt-sbatch", "-o", str(out), "slurm/pretrain.sbatch",
+                 *job_args(tiny_data, run, PROMPT), env=job_env(slurm_cluster))
+    jobs.append(job)
+    assert slurm_cluster.wait_state(job, *TERMINAL, timeout=240) == "COMPLETED", out.read_text()[-3000:]
+    text = out.read_text()
+    assert "world: 1 rank(s)" in text and f"done: step {MAX_STEPS}" in text
+    assert "sample_prompt: It's \"quoted\" $HOME `id` ; x" in (run / "config.yaml").read_text()
+    assert losses(run) == reference
+    assert re.search(r"^deadline: ", text, re.M)  # the batch shell found the job's end time
+
+    # A requeue after the run finished: the job runs again and exits at once with success.
+    slurm_cluster.run("scontrol", "requeue", job)
+    release(slurm_cluster, job)
+    assert slurm_cluster.wait_state(job, *TERMINAL, timeout=120) == "COMPLETED"
+    again = starts(out.read_text())
+    assert len(again) == 2 and f"run already complete at step {MAX_STEPS}/{MAX_STEPS}" in again[1]
+    assert not STEP_LINE.search(again[1])
+    history = slurm_cluster.history(job)
+    assert len(history) == 2 and history[-1] == "COMPLETED", history
+
+
+def test_sbatch_preempted_three_ways_resumes_exactly(slurm_cluster, tiny_data, tmp_path, reference, jobs):
+    """Stopped by a job in the higher-priority partition (SIGTERM to the ranks only), by `scontrol requeue`
+    (SIGTERM to everything) and by USR2 to the batch shell (what --signal=B:USR2 does before the time limit)."""
+    run, out = tmp_path / "run", tmp_path / "job.out"
+    job = sbatch(slurm_cluster, *SBATCH_CPU, "-J", "gt-preempted", "-o", str(out), "slurm/pretrain.sbatch",
+                 *job_args(tiny_data, run, PROMPT), env=job_env(slurm_cluster))
+    jobs.append(job)
+    wait_progress(out, 1)
+    jobs.append(sbatch(slurm_cluster, "-p", "urgent", "--exclusive", "-J", "gt-urgent", "-o", os.devnull,
+                       wrap="sleep 1"))
+    release(slurm_cluster, job)
+    wait_progress(out, 2)
+    slurm_cluster.run("scontrol", "requeue", job)
+    release(slurm_cluster, job)
+    wait_progress(out, 3)
+    slurm_cluster.run("scancel", "-b", "-s", "USR2", job)
+    release(slurm_cluster, job)
+    assert slurm_cluster.wait_state(job, *TERMINAL, timeout=240) == "COMPLETED", out.read_text()[-3000:]
+
+    check_resumed_exactly(run, reference, [{"SIGTERM"}, {"SIGTERM"}, {"SIGUSR2"}])
+    runs = starts(out.read_text())
+    assert len(runs) == 4
+    assert "the ranks checkpointed and exited 75: requeueing job" in runs[0]  # preemption: this shell requeues
+    assert "batch shell got SIGTERM" in runs[1] and "requeueing" not in runs[1]  # scontrol requeue: SLURM does
+    assert "USR2 (time limit near): passing it to the ranks" in runs[2] and "requeueing job" in runs[2]
+    history = slurm_cluster.history(job)
+    assert len(history) == 4 and history[-1] == "COMPLETED", history
+
+
+# -- launch/submit.py (submitit) ---------------------------------------------------------------------------------
+
+def submit_py(cluster, tiny_data, run: Path, logs: Path, *options: str, overrides: tuple = (), timeout: float = 300,
+              env: dict | None = None) -> subprocess.CompletedProcess:
+    argv = [sys.executable, str(REPO / "launch" / "submit.py"), "--backend", "slurm", "--cpu", "-t", "10",
+            "--log-dir", str(logs), *options, *job_args(tiny_data, run, *overrides)]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, cwd=REPO,
+                          env=env or job_env(cluster))
+
+
+def submitted(p: subprocess.CompletedProcess) -> tuple[str, Path]:
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    job = re.search(r"^submitted job (\d+)$", p.stdout, re.M).group(1)
+    log = Path(re.search(r"^log \(rank 0\): (.+)$", p.stdout, re.M).group(1))
+    return job, log
+
+
+TWO_RANKS = ["--nodes", "1", "--gpus", "2", "-p", "debug"]
+
+
+@pytest.fixture(scope="module")
+def two_ranks(slurm_cluster, tiny_data, tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path]:
+    """An uninterrupted 2-rank submitit job, followed to its end (--follow)."""
+    base = tmp_path_factory.mktemp("submit")
+    run = base / "run"
+    p = submit_py(slurm_cluster, tiny_data, run, base / "logs", *TWO_RANKS, "--follow")
+    return p, run
+
+
+def test_submit_two_cpu_ranks_completes(two_ranks, slurm_cluster, reference):
+    p, run = two_ranks
+    job, log = submitted(p)
+    assert f"gpt-train-submit: job {job} ended COMPLETED" in p.stdout, p.stdout[-3000:]
+    assert "world: 2 rank(s) on 1 node(s)" in p.stdout and f"done: step {MAX_STEPS}" in p.stdout  # --follow streamed
+    assert log.name == f"{job}_0_log.out" and (log.parent / f"{job}_1_log.out").exists()
+    steps = [r["step"] for r in read_metrics(run) if "loss" in r]
+    assert steps == list(range(1, MAX_STEPS + 1))
+    two, one = losses(run), reference  # 2 ranks x 4 sequences = 1 rank x 8 sequences, up to float rounding
+    assert two.keys() == one.keys() and all(abs(two[s] - one[s]) < 1e-3 for s in one)
+
+
+def test_submit_forced_preemption_and_usr2_requeue_and_resume(two_ranks, slurm_cluster, tiny_data, tmp_path, jobs):
+    """Preempted by a job in the higher-priority partition (SIGTERM to the ranks), then USR2 to the ranks (what
+    SLURM's --signal=USR2@N does before the time limit). Rank 0 records a signal that reached only the other
+    rank first as "peer"."""
+    run = tmp_path / "run"
+    job, log = submitted(submit_py(slurm_cluster, tiny_data, run, tmp_path / "logs", *TWO_RANKS))
+    jobs.append(job)
+    wait_progress(log, 1)
+    jobs.append(sbatch(slurm_cluster, "-p", "urgent", "--exclusive", "-J", "gt-urgent", "-o", os.devnull,
+                       wrap="sleep 1"))
+    release(slurm_cluster, job)
+    wait_progress(log, 2)
+    slurm_cluster.run("scancel", "--signal=USR2", job)
+    release(slurm_cluster, job)
+    assert slurm_cluster.wait_state(job, *TERMINAL, timeout=240) == "COMPLETED", log.read_text()[-3000:]
+    check_resumed_exactly(run, losses(two_ranks[1]), [{"SIGTERM", "peer"}, {"SIGUSR2", "peer"}])
+    runs = starts(log.read_text())
+    assert len(runs) == 3 and all("the ranks checkpointed and exited 75: requeueing job" in r for r in runs[:2])
+
+
+def test_submit_time_limit_requeues_and_resumes(two_ranks, slurm_cluster, tiny_data, tmp_path, jobs):
+    """A 1-minute job whose trainer stops 50 s before the limit (the end time the batch shell read from squeue);
+    once requeued, its limit is raised so that the second run can finish. (SLURM's own USR2 is asked for 5 s
+    before the limit: it may come tens of seconds early, and must not hit the ranks while they start.)"""
+    run = tmp_path / "run"
+    p = submit_py(slurm_cluster, tiny_data, run, tmp_path / "logs", *TWO_RANKS, "-t", "1", "--signal-delay", "5",
+                  overrides=("preemption.deadline_margin_s=50",))
+    job, log = submitted(p)
+    jobs.append(job)
+    assert "#SBATCH --signal=USR2@5" in (log.parent / f"{job}_submission.sh").read_text()
+    wait_progress(log, 1, steps=1)
+    slurm_cluster.wait_state(job, "PENDING", timeout=120)  # requeued by its own batch shell
+    slurm_cluster.run("scontrol", "update", f"jobid={job}", "TimeLimit=10")
+    release(slurm_cluster, job)
+    assert slurm_cluster.wait_state(job, *TERMINAL, timeout=240) == "COMPLETED", log.read_text()[-3000:]
+    # "peer": rank 1 reached its deadline a step before rank 0 (each rank times its own steps)
+    check_resumed_exactly(run, losses(two_ranks[1]), [{"deadline", "SIGUSR2", "peer"}])
+    first = starts(log.read_text())[0]
+    assert re.search(r"^preemption: (deadline|a peer rank was signalled|SIGUSR2) at step", first, re.M), first
+    assert "the ranks checkpointed and exited 75: requeueing job" in first
+
+
+# -- two nodes (network namespaces) ------------------------------------------------------------------------------
+
+@pytest.mark.netns
+def test_two_nodes_through_sbatch_and_submit(slurm2_cluster, tiny_data, tmp_path):
+    env = job_env(slurm2_cluster, GLOO_SOCKET_IFNAME="eth0")
+    short = ["max_steps=6"]
+    run, out = tmp_path / "sbatch-run", tmp_path / "sbatch.out"
+    job = sbatch(slurm2_cluster, "-p", "multi", "--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=0",
+                 "--cpus-per-task=1", "-t", "10", "-o", str(out), "slurm/pretrain.sbatch",
+                 *job_args(tiny_data, run, *short), env=env)
+    try:
+        assert slurm2_cluster.wait_state(job, *TERMINAL, timeout=240) == "COMPLETED", out.read_text()[-3000:]
+    finally:
+        slurm2_cluster.run("scancel", job, check=False)
+    text = out.read_text()
+    assert "2 rank(s) on 2 node(s)" in text and re.search(r"master n1:\d+", text), text[-3000:]
+    assert [r["step"] for r in read_metrics(run) if "loss" in r] == [1, 2, 3, 4, 5, 6]
+
+    run = tmp_path / "submit-run"
+    p = submit_py(slurm2_cluster, tiny_data, run, tmp_path / "logs", "--nodes", "2", "--gpus", "1", "-p", "multi",
+                  "--socket-ifname", "eth0", "--follow", overrides=short, env=job_env(slurm2_cluster))
+    job, log = submitted(p)
+    assert f"job {job} ended COMPLETED" in p.stdout, p.stdout[-3000:] + p.stderr[-2000:]
+    assert "2 rank(s) on 2 node(s)" in p.stdout and "export GLOO_SOCKET_IFNAME=eth0" in (
+        log.parent / f"{job}_submission.sh").read_text()
+    assert [r["step"] for r in read_metrics(run) if "loss" in r] == [1, 2, 3, 4, 5, 6]
