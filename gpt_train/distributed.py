@@ -448,7 +448,7 @@ def _pack(obj) -> bytes:
 
 
 def _unpack(data: bytes):
-    return torch.load(io.BytesIO(data), weights_only=False)  # from a peer rank of this same job
+    return torch.load(io.BytesIO(data), weights_only=True)
 
 
 def all_gather_object(obj):
