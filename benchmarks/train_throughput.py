@@ -1,7 +1,7 @@
 """Training throughput and MFU of one GPT training step on this machine (CPU), in one run.
 
     python benchmarks/train_throughput.py                 # 6 layers x 384 wide, 256 tokens, micro-batch 8
-    python benchmarks/train_throughput.py --compile       # adds torch.compile rows
+    python benchmarks/train_throughput.py --compile       # adds torch.compile rows (with freed memory kept)
 
 A step is exactly train.py's: autocast forward with targets, backward, clip_grad_norm_, AdamW step,
 zero_grad, with train.py's CPU default of deterministic algorithms. Tokens are random (throughput does
@@ -126,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--precision", nargs="+", default=["fp32", "auto"], choices=["fp32", "bf16", "auto"])
     p.add_argument("--compile", action="store_true", help="also time torch.compile(model) (minutes of compilation)")
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads; 0: torch's default")
+    p.add_argument("--malloc", choices=["both", "default", "reuse"], default="both",
+                   help="glibc malloc as it is, with precision.reuse_freed_memory() (what train.py does on CPU), or both in turn")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -138,13 +140,18 @@ def main(argv: list[str] | None = None) -> int:
     peaks = Peaks()
     peaks.sample(calls=5)
     rows, r = [], {}
-    for compile_ in [False, True] if args.compile else [False]:
-        for requested in args.precision:
-            prec = precision.choose(requested, cpu)
-            r = measure(args, prec, compile_, peaks)
-            rows.append((requested, prec, compile_, r))
-            note = f", warm-up incl. compilation {r['warmup_s']:.0f} s" if compile_ else ""
-            print(f"done: {requested} ({prec}), compile {compile_}{note}", file=sys.stderr, flush=True)
+    # Freed memory cannot be handed back once kept, so the default allocator's rows come first.
+    for reuse in {"both": [False, True], "default": [False], "reuse": [True]}[args.malloc]:
+        if reuse and not precision.reuse_freed_memory():
+            print("precision.reuse_freed_memory() is a no-op here (not glibc)", file=sys.stderr)
+        for compile_ in [False, True] if args.compile and (reuse or args.malloc == "default") else [False]:
+            for requested in args.precision:
+                prec = precision.choose(requested, cpu)
+                r = measure(args, prec, compile_, peaks)
+                rows.append((requested, prec, compile_, reuse, r))
+                note = f", warm-up incl. compilation {r['warmup_s']:.0f} s" if compile_ else ""
+                print(f"done: {requested} ({prec}), compile {compile_}, freed memory {'kept' if reuse else 'returned'}"
+                      f"{note}", file=sys.stderr, flush=True)
     peaks.sample(calls=5)
     end_cpu = others_cpu()
 
@@ -161,15 +168,18 @@ def main(argv: list[str] | None = None) -> int:
               + (": these numbers are not this machine's, run again when it is idle" if share > 0.1 else ""))
     print(f"- command: python {' '.join([os.path.relpath(sys.argv[0])] + sys.argv[1:])}")
     print(f"- {args.steps} timed steps after {args.warmup} warm-up steps per row; ms/step: best (median); "
-          "tokens/s, GFLOP/s and MFU from the best step\n")
-    print("| config | precision | compile | ms/step | tokens/s | achieved GFLOP/s | MFU vs peak of its dtype "
-          "| MFU vs bf16 peak |")
-    print("|---|---|---|---|---|---|---|---|")
-    for requested, prec, compile_, r in rows:
+          "tokens/s, GFLOP/s and MFU from the best step")
+    print("- freed memory: 'returned' is glibc's default (large tensors get fresh pages every step), 'kept' is "
+          "after precision.reuse_freed_memory()\n")
+    print("| config | precision | compile | freed memory | ms/step | tokens/s | achieved GFLOP/s "
+          "| MFU vs peak of its dtype | MFU vs bf16 peak |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for requested, prec, compile_, reuse, r in rows:
         best, med = min(r["times"]), statistics.median(r["times"])
         achieved = r["flops"] / best
         label = f"auto ({prec})" if requested == "auto" else prec
-        print(f"| {config} | {label} | {'yes' if compile_ else 'no'} | {best * 1e3:.0f} ({med * 1e3:.0f}) "
+        print(f"| {config} | {label} | {'yes' if compile_ else 'no'} | {'kept' if reuse else 'returned'} "
+              f"| {best * 1e3:.0f} ({med * 1e3:.0f}) "
               f"| {args.micro_batch * args.seq_len / best:,.0f} | {achieved / 1e9:.0f} "
               f"| {achieved / peaks.best[prec]:.1%} | {achieved / peaks.best['bf16']:.1%} |")
     return 0

@@ -1,7 +1,7 @@
 """GPT-2: pre-norm transformer blocks, learned positions, tied input and output embeddings.
 
 B = batch, T = sequence length, C = n_embd, H = n_head, V = padded vocabulary.
-Nothing here knows about devices, ranks, checkpoints or logging.
+Nothing here knows about ranks, checkpoints or logging; only the loss picks its kernels by device type.
 """
 
 from __future__ import annotations
@@ -18,6 +18,46 @@ from gpt_train.config import ModelConfig
 def padded_vocab(vocab_size: int) -> int:
     """Round the embedding table up to a multiple of 64: matmuls on such shapes run faster."""
     return (vocab_size + 63) // 64 * 64
+
+
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:  # (N, V), (N,) -> ()
+    """Mean cross entropy over targets != -1, computed in fp32 whatever the logits' dtype."""
+    if logits.device.type == "cpu" and not torch.compiler.is_compiling():
+        return CrossEntropy.apply(logits, targets)
+    return F.cross_entropy(logits.float(), targets, ignore_index=-1)  # GPUs and inductor fuse the upcast
+
+
+class CrossEntropy(torch.autograd.Function):
+    """F.cross_entropy(logits.float(), targets, ignore_index=-1) for eager CPUs, a block of rows at a time.
+
+    The same fp32 log-softmax and gradient, but the (N, V) fp32 copies of the logits and of their
+    gradient are never built: with GPT-2's vocabulary, those passes over memory cost a CPU as much
+    time as all the transformer blocks of a small model.
+    """
+
+    ROWS = 8  # an (8, 50304) fp32 block stays in cache
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:  # (N, V), (N,)
+        nll = torch.empty(logits.size(0))  # (N,)
+        for r in (slice(i, i + CrossEntropy.ROWS) for i in range(0, logits.size(0), CrossEntropy.ROWS)):
+            logp = torch.log_softmax(logits[r].float(), dim=1)  # (ROWS, V)
+            nll[r] = -logp.gather(1, targets[r, None].clamp(min=0)).squeeze(1)
+        ctx.save_for_backward(logits, targets)
+        valid = targets != -1
+        return torch.where(valid, nll, 0.0).sum() / valid.sum()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        logits, targets = ctx.saved_tensors
+        valid = targets != -1
+        scale = valid * (grad / valid.sum())  # (N,): d loss / d each row's loss
+        out = torch.empty_like(logits)  # (N, V)
+        for r in (slice(i, i + CrossEntropy.ROWS) for i in range(0, logits.size(0), CrossEntropy.ROWS)):
+            p = torch.softmax(logits[r].float(), dim=1)  # (ROWS, V)
+            p[torch.arange(p.size(0)), targets[r].clamp(min=0)] -= 1.0
+            out[r] = p.mul_(scale[r, None])
+        return out, None
 
 
 class CausalSelfAttention(nn.Module):
@@ -111,7 +151,7 @@ class GPT(nn.Module):
             return logits[..., : self.vocab_size], None
         logits = self.lm_head(x)  # (B, T, V)
         # Padding rows of the vocabulary never appear as targets; they only learn to be unlikely.
-        loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.view(-1), ignore_index=-1)
+        loss = cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
         return logits, loss
 
     def num_params(self, non_embedding: bool = True) -> int:

@@ -106,6 +106,8 @@ def _train(cfg: Config, world: distributed.World, device: torch.device, backend:
         raise ConfigError(problem)
     deterministic = t.deterministic == "true" or (t.deterministic == "auto" and device.type == "cpu")
     precision.make_deterministic(deterministic, device)
+    if device.type == "cpu":
+        precision.reuse_freed_memory()  # large per-step tensors reuse pages instead of faulting in fresh ones
 
     store = Store(cfg.run_dir)
     ckpts = checkpoint.Checkpointer(cfg.run_dir, cfg.checkpoint.keep_last, cfg.checkpoint.keep_best,
