@@ -245,12 +245,13 @@ def test_submit_forced_preemption_and_usr2_requeue_and_resume(two_ranks, slurm_c
 
 
 def test_submit_time_limit_requeues_and_resumes(two_ranks, slurm_cluster, tiny_data, tmp_path, jobs):
-    """A 1-minute job whose trainer stops 50 s before the limit (the end time the batch shell read from squeue);
-    once requeued, its limit is raised so that the second run can finish. (SLURM's own USR2 is asked for 5 s
-    before the limit: it may come tens of seconds early, and must not hit the ranks while they start.)"""
+    """A 1-minute job whose trainer stops 57 s before the limit (the end time the batch shell read from squeue),
+    that is after its first step or a few more: the whole run takes less than a minute here; once requeued, its
+    limit is raised so that the second run can finish. (SLURM's own USR2 is asked for 5 s before the limit: it may
+    come tens of seconds early, and must not hit the ranks while they start.)"""
     run = tmp_path / "run"
     p = submit_py(slurm_cluster, tiny_data, run, tmp_path / "logs", *TWO_RANKS, "-t", "1", "--signal-delay", "5",
-                  overrides=("preemption.deadline_margin_s=50",))
+                  overrides=("preemption.deadline_margin_s=57",))
     job, log = submitted(p)
     jobs.append(job)
     assert "#SBATCH --signal=USR2@5" in (log.parent / f"{job}_submission.sh").read_text()
