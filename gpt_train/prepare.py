@@ -10,9 +10,11 @@ Design choices, and why:
   GPT-2's and GPT-4's split patterns both end a pre-token there and never look past it, so the pieces encode
   to exactly the ids of the whole document. (Text with no word end in 0.5 MB, which real text does not have,
   is cut anyway: still lossless, but the ids may differ from the whole's at that cut.)
-- Encoding runs on a pool of threads, one tiktoken call per piece (tiktoken releases the GIL): the main thread
-  keeps reading and writing meanwhile, and each worker also turns its ids into a numpy array, which
-  `encode_batch` would leave to one thread.
+- Encoding runs in a pool of worker processes, one task per ~1 MB of text, while the main process keeps
+  reading and writing (threads scaled worse: parts of tiktoken's calls hold the GIL). Input that fits in one
+  task is encoded on a single thread, with no pool to start. Workers are forked, which costs nothing, when
+  this process has no other thread; else (s3fs' event loop thread, say) spawned, which costs each ~0.4 s of
+  CPU, as forking a threaded process can deadlock the child.
 - Each document is followed by <|endoftext|>, so the model sees where documents end.
 - The tokenizer is GPT-2's, or with --train-tokenizer a byte-level BPE learned (rustbpe) from the first ~1 GB
   of the same text before encoding, saved as DIR/tokenizer.bpe. Ids are uint16 when the vocabulary fits.
@@ -36,14 +38,16 @@ import io
 import itertools
 import json
 import math
+import multiprocessing
 import os
 import re
 import shutil
 import sys
+import threading
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -331,18 +335,39 @@ def _move_tail(train: _ShardWriter, val: _ShardWriter, count: int) -> None:
     train.shards, train.tokens = kept, keep
 
 
-def _encode_item(tok: tokenizers.Tokenizer, dtype: np.dtype, item: list[tuple[str, str, bool]]) -> dict:
-    ids: dict[str, list[int]] = {"train": [], "val": []}
+_worker_tokenizer: tokenizers.Tokenizer | None = None  # set in each worker process by _start_worker
+
+
+def _start_worker(tok: tokenizers.Tokenizer) -> None:
+    global _worker_tokenizer
+    _worker_tokenizer = tok
+
+
+def _encode_item(tok: tokenizers.Tokenizer | None, dtype: np.dtype, item: list[tuple[str, str, bool]]) -> dict:
+    """{split: ids} of one task; `tok` None in a worker process, which has its own."""
+    tok = tok or _worker_tokenizer
+    ids: dict[str, list[np.ndarray]] = {"train": [], "val": []}
+    eot = np.array([tok.eot], dtype)
     for text, split, ends in item:
-        ids[split] += tok.encode(text)
+        ids[split].append(tok.encode_array(text).astype(dtype, copy=False))
         if ends:
-            ids[split].append(tok.eot)
-    return {split: np.fromiter(v, dtype, len(v)) for split, v in ids.items() if v}
+            ids[split].append(eot)
+    return {split: np.concatenate(arrays) for split, arrays in ids.items() if arrays}
+
+
+def _pool(tok: tokenizers.Tokenizer, workers: int) -> tuple[Executor, tokenizers.Tokenizer | None, str]:
+    """(executor, the tokenizer to pass with each task: None where the workers hold their own, what it is)."""
+    if workers == 1:
+        return ThreadPoolExecutor(1, thread_name_prefix="tokenize"), tok, "1 worker"
+    start = "fork" if threading.active_count() == 1 else "spawn"
+    pool = ProcessPoolExecutor(workers, multiprocessing.get_context(start), _start_worker, (tok,))
+    return pool, None, f"{workers} worker processes, {start}ed"
 
 
 def _tokenize(items: Iterable[tuple[list, int]], tok: tokenizers.Tokenizer, writers: dict[str, _ShardWriter],
-              workers: int, progress: tqdm) -> None:
-    """Encode tasks on `workers` threads while this one reads ahead and writes results in input order."""
+              workers: int, progress: tqdm) -> str:
+    """Encode tasks on `workers` workers while this process reads ahead and writes results in input order;
+    returns what the workers were."""
     pending: deque[tuple[Future, int]] = deque()
     read = 0
 
@@ -355,10 +380,11 @@ def _tokenize(items: Iterable[tuple[list, int]], tok: tokenizers.Tokenizer, writ
         read = done
 
     dtype = writers["train"].dtype
-    with ThreadPoolExecutor(workers, thread_name_prefix="tokenize") as pool:
+    pool, task_tok, what = _pool(tok, workers)
+    with pool:
         try:
             for item, done in items:
-                pending.append((pool.submit(_encode_item, tok, dtype, item), done))
+                pending.append((pool.submit(_encode_item, task_tok, dtype, item), done))
                 if len(pending) > 2 * workers:  # every worker busy, one task queued each: more only costs memory
                     write_oldest()
             while pending:
@@ -366,6 +392,7 @@ def _tokenize(items: Iterable[tuple[list, int]], tok: tokenizers.Tokenizer, writ
         finally:
             for future, _ in pending:
                 future.cancel()
+    return what
 
 
 # ---------------------------------------------------------------------------------------------------- command
@@ -395,7 +422,8 @@ def prepare(inputs: list[str], out: str, *, val_fraction: float = 0.005, train_t
         splits = ", ".join(f"{split} {info['tokens']:,}" for split, info in current["splits"].items())
         print(f"{out_dir} is up to date ({splits} tokens); --force redoes it", flush=True)
         return current
-    return _build(sources, out_dir, wanted, workers or _cores())
+    tasks = math.ceil(sum(s.size for s in sources) / ITEM_CHARS)  # ~1 per MB: more workers would idle
+    return _build(sources, out_dir, wanted, max(1, min(workers or _cores(), tasks)))
 
 
 def _build(sources: list[Source], out_dir: Path, wanted: dict, workers: int) -> dict:
@@ -410,7 +438,7 @@ def _build(sources: list[Source], out_dir: Path, wanted: dict, workers: int) -> 
         dtype = token_dtype(tok.n_vocab)
         writers = {split: _ShardWriter(staging, split, dtype, options["shard_tokens"]) for split in ("train", "val")}
         started = time.perf_counter()
-        _tokenize_all(sources, tok, writers, wanted["val_fraction"], options["strip_gutenberg"], workers)
+        what = _tokenize_all(sources, tok, writers, wanted["val_fraction"], options["strip_gutenberg"], workers)
         val_from = "documents" if writers["val"].tokens else _val_from_tail(writers, wanted["val_fraction"])
         seconds = time.perf_counter() - started
         meta = {**wanted, "tokenizer": tok.identity(), "dtype": dtype.name, "val_from": val_from,
@@ -425,18 +453,23 @@ def _build(sources: list[Source], out_dir: Path, wanted: dict, workers: int) -> 
         print(f"{split}: {w.tokens:,} tokens in {len(w.shards)} shard(s)", flush=True)
     megabytes = sum(s.size for s in sources) / 1e6
     print(f"prepared {out_dir}: {megabytes:.1f} MB in {seconds:.1f} s ({megabytes / max(seconds, 1e-9):.1f} MB/s, "
-          f"{workers} workers), tokenizer {tok.name} ({tok.n_vocab} ids), {dtype.name}", flush=True)
+          f"{what}), tokenizer {tok.name} ({tok.n_vocab} ids), {dtype.name}", flush=True)
     return meta
 
 
+class _Progress(tqdm):
+    monitor_interval = 0  # no monitor thread, so that the encoding workers can be forked
+
+
 def _tokenize_all(sources: list[Source], tok: tokenizers.Tokenizer, writers: dict[str, _ShardWriter],
-                  val_fraction: float, strip_gutenberg: bool, workers: int) -> None:
-    progress = tqdm(total=sum(s.size for s in sources), unit="B", unit_scale=True, desc="tokenizing",
-                    file=sys.stderr, disable=None)  # None: off when stderr is not a terminal
+                  val_fraction: float, strip_gutenberg: bool, workers: int) -> str:
+    progress = _Progress(total=sum(s.size for s in sources), unit="B", unit_scale=True, desc="tokenizing",
+                         file=sys.stderr, disable=None)  # None: off when stderr is not a terminal
     with progress, contextlib.closing(_stream(sources, strip_gutenberg)) as stream:
-        _tokenize(_items(stream, val_fraction), tok, writers, workers, progress)
+        what = _tokenize(_items(stream, val_fraction), tok, writers, workers, progress)
     for writer in writers.values():
         writer.close()
+    return what
 
 
 def _cores() -> int:

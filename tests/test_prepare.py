@@ -8,6 +8,7 @@ import json
 import os
 import random
 import sys
+import threading
 from pathlib import Path
 
 import fsspec
@@ -17,6 +18,7 @@ import pytest
 from gpt_train import prepare as P
 from gpt_train import tokenizer as T
 from gpt_train.errors import DataError
+from helpers import cli
 
 EOT = "<|endoftext|>"
 
@@ -78,15 +80,32 @@ def test_cutting_long_documents_keeps_ids_exact(monkeypatch):
             assert [i for piece in pieces for i in tok.encode(piece)] == tok.encode(text)
 
 
-def test_output_does_not_depend_on_workers(tmp_path, monkeypatch):
+def test_output_does_not_depend_on_workers_or_how_they_start(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(P, "BLOCK_CHARS", 20_000)
     monkeypatch.setattr(P, "ITEM_CHARS", 20_000)
     corpus = tmp_path / "in.txt"
     corpus.write_text(Path(P.bundled_corpus()).read_text(encoding="utf-8")[:300_000], encoding="utf-8")
-    for workers in (1, 2):
-        P.prepare([str(corpus)], str(tmp_path / f"w{workers}"), workers=workers)
-    assert (tmp_path / "w1/train-00000.bin").read_bytes() == (tmp_path / "w2/train-00000.bin").read_bytes()
-    assert (tmp_path / "w1/val-00000.bin").read_bytes() == (tmp_path / "w2/val-00000.bin").read_bytes()
+    P.prepare([str(corpus)], str(tmp_path / "w1"), workers=1)
+    assert "1 worker)" in capsys.readouterr().out
+    idle = threading.Event()
+    other = threading.Thread(target=idle.wait)  # a thread in this process: forking could deadlock the workers
+    other.start()
+    try:
+        P.prepare([str(corpus)], str(tmp_path / "spawned"), workers=2)
+    finally:
+        idle.set()
+        other.join()
+    assert "2 worker processes, spawned)" in capsys.readouterr().out
+    # a fresh process has one thread: its workers are forked (the bundled book twice is 3 tasks of 1 MB)
+    corpus.write_text(Path(P.bundled_corpus()).read_text(encoding="utf-8") * 2, encoding="utf-8")
+    forked = cli("prepare", str(corpus), "--out", str(tmp_path / "forked"), "--workers", "2")
+    assert forked.returncode == 0 and "2 worker processes, forked)" in forked.stdout, forked.stdout + forked.stderr
+    monkeypatch.undo()
+    P.prepare([str(corpus)], str(tmp_path / "forked-w1"), workers=1)
+    for split in ("train", "val"):
+        shard = f"{split}-00000.bin"
+        assert (tmp_path / "w1" / shard).read_bytes() == (tmp_path / "spawned" / shard).read_bytes()
+        assert (tmp_path / "forked-w1" / shard).read_bytes() == (tmp_path / "forked" / shard).read_bytes()
 
 
 def test_every_200th_document_is_validation(tmp_path):

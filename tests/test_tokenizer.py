@@ -1,9 +1,11 @@
 """The GPT-2 tokenizer is OpenAI's, offline; custom BPEs round-trip through a text file; identities are checked."""
 
+import random
 import shutil
 from pathlib import Path
 
 import pytest
+import tiktoken
 
 from gpt_train import tokenizer as T
 from gpt_train.errors import DataError
@@ -45,7 +47,24 @@ def test_special_token_text_is_ordinary_text():
     ids = tok.encode("a<|endoftext|>b")
     assert tok.eot not in ids
     assert tok.decode(ids) == "a<|endoftext|>b"
-    assert tok.encode_batch(["Hello world", "a<|endoftext|>b"], num_threads=2) == [[15496, 995], ids]
+
+
+def test_gpt2_fast_path_gives_the_ids_of_the_original_pattern():
+    """encode marks where GPT-2's lookahead would split a run of spaces, then runs a pattern without it;
+    tiktoken with the original pattern is the reference."""
+    tok = T.gpt2()
+    reference = tiktoken.Encoding("ref", pat_str=T.GPT2_PATTERN, mergeable_ranks=tok.ranks, special_tokens={})
+    for text in (moby(300_000) + UNICODE.replace("\x00", ""), UNICODE):  # the second holds a NUL: no marks
+        assert tok.encode(text) == reference.encode_ordinary(text)
+    # every kind of white space (Unicode's, and Python-only "spaces" like \x1c) in runs, at the ends, before
+    # letters, digits, punctuation and contractions; astral and CJK characters beyond the space table; lone
+    # surrogates; NUL, the mark, as text
+    alphabet = [" ", "  ", "\n", "\r\n", "\t", "\x0b", "\x0c", "\x85", "\xa0", "\u2003", "\u2028", "\u3000", "\x1c",
+                "a", "Zé", "7", "42", "!", "?!", "'s", "'", "中", "\U0001f389", "\U00030000", "\ud800", "\x00", "<|endoftext|>"]
+    rng = random.Random(0)
+    for _ in range(5000):
+        s = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 24)))
+        assert tok.encode(s) == reference.encode_ordinary(s), repr(s)
 
 
 def test_tampered_gpt2_asset_is_a_clear_error(tmp_path):
