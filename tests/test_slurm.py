@@ -68,6 +68,13 @@ def wait_progress(path: Path, start: int, steps: int = 2, timeout: float = 180) 
     raise TimeoutError(f"run {start} of the job did not log {steps} steps in {timeout}s:\n{text[-3000:]}")
 
 
+def preempt_by_urgent_job(cluster, job: str, jobs: list[str]) -> None:
+    """Real preemption: a job in the higher-priority partition takes the CPUs, SLURM requeues JOB (SIGTERM to its
+    ranks only), and JOB starts again once the urgent one is done."""
+    jobs.append(sbatch(cluster, "-p", "urgent", "--exclusive", "-J", "gt-urgent", "-o", os.devnull, wrap="sleep 1"))
+    release(cluster, job)
+
+
 def release(cluster, job: str, timeout: float = 120) -> None:
     """Wait until the stopped job is back in the queue, then start it without waiting out the cred_expire hold.
     Not at once: slurmd revokes the old run's credential with a time in whole seconds, and a new one created in
@@ -162,9 +169,7 @@ def test_sbatch_preempted_three_ways_resumes_exactly(slurm_cluster, tiny_data, t
                  *job_args(tiny_data, run, PROMPT), env=job_env(slurm_cluster))
     jobs.append(job)
     wait_progress(out, 1)
-    jobs.append(sbatch(slurm_cluster, "-p", "urgent", "--exclusive", "-J", "gt-urgent", "-o", os.devnull,
-                       wrap="sleep 1"))
-    release(slurm_cluster, job)
+    preempt_by_urgent_job(slurm_cluster, job, jobs)
     wait_progress(out, 2)
     slurm_cluster.run("scontrol", "requeue", job)
     release(slurm_cluster, job)
@@ -232,9 +237,7 @@ def test_submit_forced_preemption_and_usr2_requeue_and_resume(two_ranks, slurm_c
     job, log = submitted(submit_py(slurm_cluster, tiny_data, run, tmp_path / "logs", *TWO_RANKS))
     jobs.append(job)
     wait_progress(log, 1)
-    jobs.append(sbatch(slurm_cluster, "-p", "urgent", "--exclusive", "-J", "gt-urgent", "-o", os.devnull,
-                       wrap="sleep 1"))
-    release(slurm_cluster, job)
+    preempt_by_urgent_job(slurm_cluster, job, jobs)
     wait_progress(log, 2)
     slurm_cluster.run("scancel", "--signal=USR2", job)
     release(slurm_cluster, job)

@@ -92,3 +92,22 @@ report() {
   if [ $# -eq 0 ]; then echo "$name: already up ($(elapsed))"
   else echo "$name: started: $* ($(elapsed))"; fi
 }
+
+# slurm_common_conf: the slurm.conf lines both test clusters share: scheduling every second (tests wait on it),
+# requeue allowed, finished jobs kept in squeue for 5 minutes
+slurm_common_conf() {
+  cat <<'EOF'
+JobCompType=jobcomp/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core
+SchedulerType=sched/backfill
+SchedulerParameters=sched_interval=1,bf_interval=1
+SlurmdParameters=config_overrides
+MpiDefault=none
+ReturnToService=2
+JobRequeue=1
+MinJobAge=300
+KillWait=10
+InactiveLimit=0
+EOF
+}

@@ -46,17 +46,7 @@ AccountingStorageType=accounting_storage/slurmdbd
 AccountingStorageHost=localhost
 AccountingStoragePort=6829
 AccountingStoragePass=$MD/munge.socket
-JobCompType=jobcomp/none
-SelectType=select/cons_tres
-SelectTypeParameters=CR_Core
-SchedulerParameters=sched_interval=1,bf_interval=1
-SlurmdParameters=config_overrides
-MpiDefault=none
-ReturnToService=2
-JobRequeue=1
-MinJobAge=300
-KillWait=10
-InactiveLimit=0
+$(slurm_common_conf)
 NodeName=n1 NodeAddr=10.200.0.1 CPUs=2 RealMemory=4000 State=UNKNOWN
 NodeName=n2 NodeAddr=10.200.0.2 CPUs=2 RealMemory=4000 State=UNKNOWN
 PartitionName=multi Nodes=n1,n2 Default=YES MaxTime=INFINITE State=UP

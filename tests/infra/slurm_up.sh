@@ -78,18 +78,7 @@ AccountingStorageHost=localhost
 AccountingStoragePort=$DBD_PORT
 # with auth/munge this names the munged socket used to talk to slurmdbd (AuthInfo socket= is not used for it)
 AccountingStoragePass=$MD/munge.socket
-JobCompType=jobcomp/none
-SelectType=select/cons_tres
-SelectTypeParameters=CR_Core
-SchedulerType=sched/backfill
-SchedulerParameters=sched_interval=1,bf_interval=1
-SlurmdParameters=config_overrides
-MpiDefault=none
-ReturnToService=2
-JobRequeue=1
-MinJobAge=300
-KillWait=10
-InactiveLimit=0
+$(slurm_common_conf)
 NodeName=localhost NodeAddr=127.0.0.1 CPUs=$NCPU RealMemory=$MEM_MB State=UNKNOWN
 # real preemption: a job in 'urgent' requeues the 'debug' jobs that hold the CPUs it needs
 PreemptType=preempt/partition_prio
