@@ -48,6 +48,7 @@ import time
 from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -381,17 +382,21 @@ def _tokenize(items: Iterable[tuple[list, int]], tok: tokenizers.Tokenizer, writ
 
     dtype = writers["train"].dtype
     pool, task_tok, what = _pool(tok, workers)
-    with pool:
-        try:
-            for item, done in items:
-                pending.append((pool.submit(_encode_item, task_tok, dtype, item), done))
-                if len(pending) > 2 * workers:  # every worker busy, one task queued each: more only costs memory
+    try:
+        with pool:
+            try:
+                for item, done in items:
+                    pending.append((pool.submit(_encode_item, task_tok, dtype, item), done))
+                    if len(pending) > 2 * workers:  # every worker busy, one task queued each: more only costs memory
+                        write_oldest()
+                while pending:
                     write_oldest()
-            while pending:
-                write_oldest()
-        finally:
-            for future, _ in pending:
-                future.cancel()
+            finally:
+                for future, _ in pending:
+                    future.cancel()
+    except BrokenProcessPool:
+        raise DataError(f"an encoding worker process died (killed for lack of memory?); the output was left as it "
+                        f"was; try fewer workers (--workers {max(1, workers // 2)})") from None
     return what
 
 

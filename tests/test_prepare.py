@@ -7,6 +7,7 @@ import io
 import json
 import os
 import random
+import subprocess
 import sys
 import threading
 from pathlib import Path
@@ -106,6 +107,23 @@ def test_output_does_not_depend_on_workers_or_how_they_start(tmp_path, monkeypat
         shard = f"{split}-00000.bin"
         assert (tmp_path / "w1" / shard).read_bytes() == (tmp_path / "spawned" / shard).read_bytes()
         assert (tmp_path / "forked-w1" / shard).read_bytes() == (tmp_path / "forked" / shard).read_bytes()
+
+
+def test_a_worker_that_dies_is_a_clear_error_and_keeps_the_previous_output(tmp_path):
+    corpus = tmp_path / "in.txt"
+    corpus.write_text(Path(P.bundled_corpus()).read_text(encoding="utf-8") * 2, encoding="utf-8")
+    out = tmp_path / "out"
+    assert cli("prepare", str(corpus), "--out", str(out), "--workers", "1").returncode == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    corpus.write_text(corpus.read_text(encoding="utf-8") + "changed", encoding="utf-8")
+    # as the kernel's OOM killer would: the forked workers end without a word
+    script = ("import os, sys; from gpt_train import cli, tokenizer; "
+              "tokenizer.Tokenizer.encode_array = lambda *a: os._exit(9); sys.exit(cli.main())")
+    result = subprocess.run([sys.executable, "-c", script, "prepare", str(corpus), "--out", str(out), "--workers", "2"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "an encoding worker process died" in result.stderr and "Traceback" not in result.stderr
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
 def test_every_200th_document_is_validation(tmp_path):
