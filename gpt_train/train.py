@@ -166,7 +166,8 @@ def _train(cfg: Config, world: distributed.World, device: torch.device, backend:
     peak = precision.peak_flops(device, prec) if world.is_main else None
     say(f"world: {world.describe()}, backend {backend or 'none'}"
         + (f", strategy {cfg.distributed.strategy}, master {world.master_addr}:{world.master_port}" if world.distributed else ""))
-    say(f"device: {device}, precision {prec}, compile {t.compile}, deterministic {deterministic}")
+    say(f"device: {device}, precision {prec}, compile {t.compile}, deterministic {deterministic}"
+        + (f", MFU against {peak / 1e12:.3g} TFLOP/s" if peak else ""))
     say(f"model: {raw_model.num_params() / 1e6:.2f}M parameters, {cfg.model.n_layer} layers, {cfg.model.n_embd} wide, "
         f"vocab {cfg.model.vocab_size} ({meta['tokenizer']['name']})")
     say(f"data: {train_split.tokens:,} train / {val_split.tokens:,} val tokens in '{cfg.data.dir}'; batch {t.batch_tokens:,} "
