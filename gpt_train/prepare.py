@@ -12,9 +12,9 @@ Design choices, and why:
   is cut anyway: still lossless, but the ids may differ from the whole's at that cut.)
 - Encoding runs in a pool of worker processes, one task per ~1 MB of text, while the main process keeps
   reading and writing (threads scaled worse: parts of tiktoken's calls hold the GIL). Input that fits in one
-  task is encoded on a single thread, with no pool to start. Workers are forked, which costs nothing, when
-  this process has no other thread; else (s3fs' event loop thread, say) spawned, which costs each ~0.4 s of
-  CPU, as forking a threaded process can deadlock the child.
+  task is encoded on a single thread, with no pool to start. Workers are forked, which costs nothing, on
+  Linux when this process has no other thread; else (s3fs' event loop thread, say, or macOS, whose system
+  libraries do not survive a fork) spawned, which costs each ~0.4 s of CPU.
 - Each document is followed by <|endoftext|>, so the model sees where documents end.
 - The tokenizer is GPT-2's, or with --train-tokenizer a byte-level BPE learned (rustbpe) from the first ~1 GB
   of the same text before encoding, saved as DIR/tokenizer.bpe. Ids are uint16 when the vocabulary fits.
@@ -360,7 +360,7 @@ def _pool(tok: tokenizers.Tokenizer, workers: int) -> tuple[Executor, tokenizers
     """(executor, the tokenizer to pass with each task: None where the workers hold their own, what it is)."""
     if workers == 1:
         return ThreadPoolExecutor(1, thread_name_prefix="tokenize"), tok, "1 worker"
-    start = "fork" if threading.active_count() == 1 else "spawn"
+    start = "fork" if sys.platform == "linux" and threading.active_count() == 1 else "spawn"
     pool = ProcessPoolExecutor(workers, multiprocessing.get_context(start), _start_worker, (tok,))
     return pool, None, f"{workers} worker processes, {start}ed"
 
