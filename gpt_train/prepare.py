@@ -13,8 +13,9 @@ Design choices, and why:
 - Encoding runs in a pool of worker processes, one task per ~1 MB of text, while the main process keeps
   reading and writing (threads scaled worse: parts of tiktoken's calls hold the GIL). Input that fits in one
   task is encoded on a single thread, with no pool to start. Workers are forked, which costs nothing, on
-  Linux when this process has no other thread; else (s3fs' event loop thread, say, or macOS, whose system
-  libraries do not survive a fork) spawned, which costs each ~0.4 s of CPU.
+  Linux when this process has no other thread; else spawned, ~0.4 s of CPU each: forking a process whose
+  other threads (s3fs' event loop, say) may hold locks can deadlock the child, and macOS' system libraries
+  do not survive a fork.
 - Each document is followed by <|endoftext|>, so the model sees where documents end.
 - The tokenizer is GPT-2's, or with --train-tokenizer a byte-level BPE learned (rustbpe) from the first ~1 GB
   of the same text before encoding, saved as DIR/tokenizer.bpe. Ids are uint16 when the vocabulary fits.
