@@ -38,9 +38,13 @@ class CrossEntropy(torch.autograd.Function):
     ROWS = 8  # an (8, 50304) fp32 block stays in cache
 
     @staticmethod
+    def blocks(n: int) -> list[slice]:
+        return [slice(i, i + CrossEntropy.ROWS) for i in range(0, n, CrossEntropy.ROWS)]
+
+    @staticmethod
     def forward(ctx, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:  # (N, V), (N,)
         nll = torch.empty(logits.size(0))  # (N,)
-        for r in (slice(i, i + CrossEntropy.ROWS) for i in range(0, logits.size(0), CrossEntropy.ROWS)):
+        for r in CrossEntropy.blocks(logits.size(0)):
             logp = torch.log_softmax(logits[r].float(), dim=1)  # (ROWS, V)
             nll[r] = -logp.gather(1, targets[r, None].clamp(min=0)).squeeze(1)
         ctx.save_for_backward(logits, targets)
@@ -53,7 +57,7 @@ class CrossEntropy(torch.autograd.Function):
         valid = targets != -1
         scale = valid * (grad / valid.sum())  # (N,): d loss / d each row's loss
         out = torch.empty_like(logits)  # (N, V)
-        for r in (slice(i, i + CrossEntropy.ROWS) for i in range(0, logits.size(0), CrossEntropy.ROWS)):
+        for r in CrossEntropy.blocks(logits.size(0)):
             p = torch.softmax(logits[r].float(), dim=1)  # (ROWS, V)
             p[torch.arange(p.size(0)), targets[r].clamp(min=0)] -= 1.0
             out[r] = p.mul_(scale[r, None])

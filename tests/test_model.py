@@ -2,9 +2,10 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from gpt_train.config import ModelConfig, load_config
-from gpt_train.model import GPT, padded_vocab
+from gpt_train.model import GPT, cross_entropy, padded_vocab
 
 
 def test_gpt2_small_has_gpt2_small_size():
@@ -48,3 +49,23 @@ def test_residual_projections_use_scaled_init():
     std = model.transformer.h[0].mlp.c_proj.weight.std().item()
     assert math.isclose(std, 0.02 / math.sqrt(16), rel_tol=0.1)
     assert math.isclose(model.transformer.h[0].mlp.c_fc.weight.std().item(), 0.02, rel_tol=0.1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_blocked_cpu_cross_entropy_matches_torch(dtype):
+    """The CPU loss works a few rows at a time; its value and gradient are F.cross_entropy's on fp32 logits."""
+    g = torch.Generator().manual_seed(0)
+    n, v = 8 * 5 + 3, 1000  # a last block shorter than the others
+    base = (torch.randn(n, v, generator=g) * 3).to(dtype)
+    targets = torch.randint(0, v, (n,), generator=g)
+    targets[[0, 17, n - 1]] = -1  # ignored positions
+    ours_in, ref_in = base.clone().requires_grad_(), base.clone().requires_grad_()
+    ours = cross_entropy(ours_in, targets)
+    ref = F.cross_entropy(ref_in.float(), targets, ignore_index=-1)
+    (ours * 2).backward()  # a non-unit upstream gradient
+    (ref * 2).backward()
+    assert torch.allclose(ours, ref, rtol=1e-6, atol=1e-6)
+    assert ours_in.grad.dtype == dtype
+    tol = 1e-6 if dtype == torch.float32 else 1e-2
+    assert torch.allclose(ours_in.grad.float(), ref_in.grad.float(), rtol=tol, atol=tol)
+    assert torch.all(ours_in.grad[[0, 17, n - 1]] == 0)
