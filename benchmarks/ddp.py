@@ -5,7 +5,7 @@ and the share of the step spent in communication.
     python benchmarks/ddp.py --rows 1x2 1x1 2x1       # PROCESSESxTHREADS per row
 
 Each row is a real `torchrun --standalone --nproc-per-node=N` of this file. A step is train.py's: autocast
-forward, backward through `distributed.wrap`'s DDP (gradients all-reduced in buckets during backward),
+forward, backward through `parallel.wrap`'s DDP (gradients all-reduced in buckets during backward),
 clip_grad_norm_, AdamW, zero_grad. The global batch (sequences per optimizer step) is the same for every
 row, split across the ranks, and the ranks share the machine's cores (by default torch threads = cores /
 processes), so the rows compare one process with N on the same hardware.
@@ -45,7 +45,7 @@ def worker(args: argparse.Namespace) -> None:
     import torch.distributed as dist
 
     sys.path.insert(0, str(REPO))
-    from gpt_train import distributed, optim, precision
+    from gpt_train import collectives, distributed, optim, parallel, precision
     from gpt_train.config import Config
     from gpt_train.model import GPT
 
@@ -61,7 +61,7 @@ def worker(args: argparse.Namespace) -> None:
     prec = precision.choose("auto", device)
     torch.manual_seed(0)
     model = GPT(m)
-    ddp = distributed.wrap(model, world, device, cfg)
+    ddp = parallel.wrap(model, world, device, cfg)
     opt = optim.build_optimizer(model, cfg, "cpu")
     per_rank = args.batch // world.world_size
     gen = torch.Generator().manual_seed(world.rank)
@@ -85,16 +85,16 @@ def worker(args: argparse.Namespace) -> None:
     synced, unsynced = [], []
     for _ in range(args.steps):
         if world.distributed:
-            distributed.barrier()
+            collectives.barrier()
         synced.append(step(True))
         if world.distributed:
-            distributed.barrier()
+            collectives.barrier()
             unsynced.append(step(False))
     allreduce = []
     if world.distributed:
         flat = torch.zeros(sum(p.numel() for p in model.parameters()))
         for _ in range(args.steps):
-            distributed.barrier()
+            collectives.barrier()
             start = time.perf_counter()
             dist.all_reduce(flat)
             allreduce.append(time.perf_counter() - start)
@@ -104,7 +104,7 @@ def worker(args: argparse.Namespace) -> None:
             "params": model.num_params(non_embedding=False), "synced": synced, "unsynced": unsynced,
             "allreduce": allreduce, "tokens_per_step": args.batch * args.seq_len,
         }))
-    distributed.shutdown(world)
+    distributed.shutdown()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -153,19 +153,19 @@ class Checkpointer:
         self.keep_last, self.keep_best = keep_last, keep_best
         self.asynchronous, self.retries, self.log = asynchronous, retries, log
         self._thread: threading.Thread | None = None
-        self._writing: int | None = None
         self._staging: Any = None
         self.last_saved: int | None = None
         self.last_error: str | None = None
 
     # -- finding a checkpoint to resume from -------------------------------------------------
 
-    def valid_steps(self) -> list[int]:
+    def manifested_steps(self) -> list[int]:
+        """Steps whose folder has a manifest: candidates, verified only when loaded."""
         return [s for s, complete in list_steps(self.store) if complete]
 
     def load_newest(self, parts=("model", "optimizer", "rng")) -> Checkpoint | None:
         """The newest checkpoint that verifies; corrupt ones are reported and skipped, never loaded."""
-        for step in reversed(self.valid_steps()):
+        for step in reversed(self.manifested_steps()):
             url = f"{self.store.url}/checkpoints/{step_name(step)}"
             try:
                 return load(url, parts)
@@ -175,7 +175,7 @@ class Checkpointer:
 
     def best_url(self) -> str | None:
         best = None
-        for step in self.valid_steps():
+        for step in self.manifested_steps():
             meta = json.loads(self.store.read_text(f"checkpoints/{step_name(step)}/meta.json"))
             if meta.get("val_loss") is not None and (best is None or meta["val_loss"] < best[0]):
                 best = (meta["val_loss"], step)
@@ -183,21 +183,18 @@ class Checkpointer:
 
     # -- writing -------------------------------------------------------------------------------
 
-    def save(self, step: int, model: dict, optimizer: dict, rng: list, meta: dict) -> float:
-        """Snapshot now, write in the background. Returns the seconds training was blocked."""
-        t0 = time.perf_counter()
+    def save(self, step: int, model: dict, optimizer: dict, rng: list, meta: dict) -> None:
+        """Snapshot to host memory now, write in the background."""
         self.wait()  # the previous write is done with the staging buffers
         model, optimizer = self._staging = _to_host((model, optimizer), self._staging)
         if torch.cuda.is_available():
             torch.cuda.synchronize()  # the pinned copies above are asynchronous
-        self._writing = step
         args = (step, model, optimizer, rng, meta)
         if self.asynchronous:
             self._thread = threading.Thread(target=self._write_with_retries, args=args, name="checkpoint-writer", daemon=False)
             self._thread.start()
         else:
             self._write_with_retries(*args)
-        return time.perf_counter() - t0
 
     def wait(self) -> bool:
         """Wait for the checkpoint in flight; True when the last save landed."""
@@ -220,7 +217,6 @@ class Checkpointer:
         self.log(f"checkpoint: FAILED to write {step_name(step)} after {self.retries} attempts: {self.last_error}. "
                  "Training goes on; the last good checkpoint is "
                  + (step_name(self.last_saved) if self.last_saved is not None else "none yet"))
-        self._writing = None
 
     def _write(self, step: int, model: dict, optimizer: dict, rng: list, meta: dict) -> None:
         folder = f"checkpoints/{step_name(step)}"
@@ -241,7 +237,6 @@ class Checkpointer:
         }
         self.store.write_text(f"{folder}/{MANIFEST}", json.dumps(manifest, indent=2))
         self.store.write_text("checkpoints/LATEST", step_name(step) + "\n")
-        self._writing = None
         self.log(f"checkpoint: saved {self.store.url}/{folder} ({sum(map(len, files.values())) / 1e6:.1f} MB)")
 
     def _prune(self) -> None:
@@ -256,7 +251,7 @@ class Checkpointer:
             if self.keep_best and scored:
                 keep.add(min(scored)[1])
             for step, complete in steps:
-                if step in keep or step == self._writing:
+                if step in keep:
                     continue
                 folder = f"checkpoints/{step_name(step)}"
                 if complete:
@@ -264,41 +259,141 @@ class Checkpointer:
                 self.store.remove(folder)
         except (StorageError, OSError, ValueError) as e:
             self.log(f"checkpoint: pruning old checkpoints failed ({e}); they stay until the next save")
+# -- the checkpoints of a training run ------------------------------------------------------------
+
+# Parts with a file of their own; every other part's state_dict() is merged into meta.json.
+FILE_PARTS = ("model", "optimizer", "rng")
 
 
+class CheckpointManager:
+    """The checkpoints of one run: where a start resumes from, when to save, and what a checkpoint holds.
 
-def model_state(model: torch.nn.Module) -> dict:
-    # lm_head shares wte's matrix; storing it twice would double the largest tensor.
-    return {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    `parts` are the run's stateful objects (state_dict / load_state_dict): `model` (model.pt), `optimizer`
+    (optimizer.pt), `rng` (this rank's generators; rng.pt holds every rank's) and any others, whose states
+    are merged into meta.json (the step counters, the loader's position). `about` describes the run (config,
+    tokenizer, versions) and goes into meta.json unchanged. Every rank calls every method; rank 0 writes.
+    """
 
+    def __init__(self, cfg, run_dir: str, world, about: dict, log: Callable[[str], None] = print):
+        self.cfg, self.world, self.about, self.log = cfg, world, about, log
+        self.writer = Checkpointer(run_dir, cfg.keep_last, cfg.keep_best, asynchronous=cfg.async_save, log=log)
+        self.parts: dict[str, Any] = {}
+        self._last_save = time.monotonic()
 
-def load_model_state(model: torch.nn.Module, state: dict, source: str) -> None:
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if set(missing) - {"lm_head.weight"} or unexpected:
-        raise CheckpointError(f"checkpoint '{source}' does not fit the model: missing {sorted(missing)[:3]}, "
-                              f"unexpected {sorted(unexpected)[:3]}")
+    def attach(self, **parts: Any) -> None:
+        self.parts.update(parts)
 
+    # -- where a start begins ------------------------------------------------------------------
 
-def find(source: str, parts: tuple[str, ...] = ("model",)) -> Checkpoint:
-    """A checkpoint folder, or the newest valid checkpoint of a run directory."""
-    if Store(source).exists(MANIFEST):
-        return load(source, parts)
-    found = Checkpointer(source, keep_last=1, keep_best=False).load_newest(parts)
-    if found is None:
-        raise CheckpointError(f"no valid checkpoint in '{source}' (expected a run directory or a checkpoint folder)")
-    return found
+    def resume_point(self) -> tuple[Checkpoint | None, Checkpoint | None, str]:
+        """(own checkpoint to resume, checkpoint to take only the weights from, what to print). Rank 0
+        chooses, so that every rank loads the same one; a bad choice is an error on every rank."""
+        from gpt_train import collectives
 
+        chosen, decision = None, None
+        if self.world.is_main:
+            try:
+                chosen, init_url, note = self._choose()
+                decision = (chosen and chosen.url, init_url, note, None)
+            except CheckpointError as e:
+                decision = (None, None, "", str(e))
+        resume_url, init_url, note, error = collectives.broadcast_object(decision)
+        if error:
+            raise CheckpointError(error)
+        found = chosen or (load(resume_url) if resume_url else None)
+        init = find(init_url, ("model",)) if init_url else None
+        return found, init, note
 
-def load_for_inference(source: str, device: str = "auto"):
-    """(model in eval mode, tokenizer, config) from a run directory or a checkpoint folder."""
-    from gpt_train.config import from_dict
-    from gpt_train.distributed import World, pick_device
-    from gpt_train.model import GPT
-    from gpt_train.tokenizer import from_identity
+    def _choose(self) -> tuple[Checkpoint | None, str | None, str]:
+        mode, init_from, run = self.cfg.resume, self.cfg.init_from, self.writer.store.url
+        steps = self.writer.manifested_steps()
+        if mode == "none":
+            if steps and not self.cfg.overwrite:
+                raise CheckpointError(f"run_dir '{run}' already has checkpoints (newest step {steps[-1]}) and "
+                                      "checkpoint.resume=none: pick another run_dir, resume=auto, or overwrite=true")
+            if steps:
+                for name in ("checkpoints", "metrics.jsonl", "events.jsonl"):
+                    self.writer.store.remove(name)
+            fresh = "starting fresh" + (" (old checkpoints removed: overwrite=true)" if steps else "")
+            return None, init_from or None, fresh + (f" from the weights of {init_from}" if init_from else "")
+        if mode == "best":
+            url = self.writer.best_url()
+            if url is None:
+                raise CheckpointError(f"checkpoint.resume=best but '{run}' has no checkpoint with a val loss")
+            found = load(url)
+            self._drop_newer(found.step)
+            return found, None, f"resuming from the best checkpoint {url} (step {found.step})"
+        found = self.writer.load_newest()
+        if found:
+            self._drop_newer(found.step)
+            ignored = f"; checkpoint.init_from={init_from} ignored: the run has its own" if init_from else ""
+            return found, None, f"resuming from {found.url} (step {found.step}){ignored}"
+        if init_from:
+            return None, init_from, f"no checkpoint of its own: starting from the weights of {init_from}"
+        return None, None, "no checkpoint found: starting fresh"
 
-    ckpt = find(source)
-    cfg = from_dict(ckpt.meta["config"])
-    model = GPT(cfg.model)
-    load_model_state(model, ckpt.model, ckpt.url)
-    model.to(pick_device(device, World())).eval()
-    return model, from_identity(ckpt.meta["tokenizer"], cfg.data.dir), cfg
+    def _drop_newer(self, step: int) -> None:
+        """Folders newer than the resume point did not verify; they would confuse retention and the next resume."""
+        store = self.writer.store
+        for s, _ in list_steps(store):
+            if s > step:
+                self.log(f"checkpoint: removing {step_name(s)}: newer than the resume point and not loadable")
+                store.remove(f"checkpoints/{step_name(s)}/{MANIFEST}")
+                store.remove(f"checkpoints/{step_name(s)}")
+
+    # -- restoring -----------------------------------------------------------------------------
+
+    def load_weights(self, found: Checkpoint) -> None:
+        """The model's weights, before it is wrapped or compiled (FSDP shards it in place)."""
+        check_compatible(found.meta, self.about["config"]["model"], self.about["tokenizer"], found.url)
+        self.parts["model"].load_state_dict(found.model, found.url)
+
+    def restore(self, found: Checkpoint | None) -> None:
+        """Every other part from `found`; without one, fresh random streams for this rank."""
+        if found is None:
+            self.parts["rng"].reseed(0)
+            return
+        for name, part in self.parts.items():
+            if name == "optimizer":
+                part.load_state_dict(found.optimizer)
+            elif name == "rng":
+                if found.rng and len(found.rng) == self.world.world_size:
+                    part.load_state_dict(found.rng[self.world.rank])
+                else:  # another world size: fresh streams per rank; only dropout draws from them
+                    part.reseed(found.step)
+            elif name != "model":
+                part.load_state_dict(found.meta)
+
+    # -- saving --------------------------------------------------------------------------------
+
+    def time_due(self) -> bool:
+        """checkpoint.every_minutes of wall time have passed since the last save (or the start)."""
+        minutes = self.cfg.every_minutes
+        return bool(minutes) and time.monotonic() - self._last_save >= 60 * minutes
+
+    def step_due(self, step: int) -> bool:
+        return bool(self.cfg.interval) and step % self.cfg.interval == 0
+
+    def save(self, val_loss: float | None, final: bool = False) -> float | None:
+        """A checkpoint of every part now; written in the background. Returns, on rank 0, the seconds
+        training waited: gathering every rank's RNG and the full state (FSDP gathers shards into rank 0's
+        host memory), and the copy into staging buffers."""
+        from gpt_train import collectives
+
+        t0 = time.perf_counter()
+        rngs = collectives.all_gather_object(self.parts["rng"].state_dict())
+        model, optimizer = self.parts["model"].state_dict(), self.parts["optimizer"].state_dict()
+        self._last_save = time.monotonic()
+        if not self.world.is_main:
+            return None
+        meta = {}
+        for name, part in self.parts.items():
+            if name not in FILE_PARTS:
+                meta.update(part.state_dict())
+        meta.update(val_loss=val_loss, final=final, world_size=self.world.world_size, time=time.time(), **self.about)
+        self.writer.save(meta["step"], model, optimizer, rngs, meta)
+        return time.perf_counter() - t0
+
+    def wait(self) -> bool:
+        """Rank 0: wait for the checkpoint in flight; True when the last save landed."""
+        return self.writer.wait()

@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import importlib.resources
+import math
+import signal
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,13 +59,13 @@ class ScheduleConfig:
 class TrainConfig:
     max_steps: int = 600_000
     batch_tokens: int = 524_288  # global batch per optimizer step, in tokens, for any number of ranks
-    micro_batch: int = 16  # sequences per rank per forward pass
+    micro_batch: int = 16  # at most this many sequences per rank per forward pass (a memory bound; see micro_batch_for)
     seq_len: int = 0  # 0 = model.block_size
     precision: str = field(default="auto", metadata={"choices": ("auto", "fp32", "bf16", "fp16")})
     compile: bool = False
     device: str = field(default="auto", metadata={"choices": ("auto", "cpu", "cuda", "mps")})
     seed: int = 1337
-    deterministic: str = field(default="auto", metadata={"choices": ("auto", "true", "false")})
+    deterministic: bool | None = field(default=None, metadata={"tristate": True})  # auto (None): on CPU only
     eval_interval: int = 250  # 0 = only at the end
     eval_batches: int = 20
     log_interval: int = 10
@@ -77,8 +79,13 @@ class CheckpointConfig:
     interval: int = 1000  # steps between checkpoints; 0 = only the final one
     keep_last: int = 3
     keep_best: bool = True
-    resume: str = "auto"  # auto | none | best | URL of a checkpoint folder
+    every_minutes: float = 30.0  # also save when this much wall time passed since the last save; 0 = off
+    # auto: the newest valid checkpoint of run_dir; none: start fresh; best: the lowest val loss
+    resume: str = field(default="auto", metadata={
+        "choices": ("auto", "none", "best"), "hint": "to start from another run's weights use checkpoint.init_from={}"})
     overwrite: bool = False  # with resume=none, allow a run_dir that already has checkpoints
+    # a gpt-train checkpoint folder or run directory (any fsspec URL) whose weights a new run starts from
+    init_from: str = ""
     async_save: bool = True  # serialize and upload on a background thread
 
 
@@ -109,7 +116,8 @@ class DistributedConfig:
 
 @dataclass
 class PreemptionConfig:
-    signals: str = "TERM,USR1,USR2"  # each makes the run checkpoint at the next step and exit to be requeued
+    # each makes the run checkpoint at the next step and exit to be requeued (YAML list or "TERM,USR1")
+    signals: list[str] = field(default_factory=lambda: ["TERM", "USR1", "USR2"], metadata={"list": True})
     deadline_margin_s: int = 180  # stop this long before the job's time limit (SLURM), so the checkpoint lands
 
 
@@ -186,6 +194,15 @@ def resolve_key(key: str) -> str:
 
 def _coerce(key: str, value: Any, f: dataclasses.Field) -> Any:
     """Convert a YAML or command-line value to the field's type, or say which key is wrong."""
+    if f.metadata.get("tristate"):
+        if value is None or (isinstance(value, str) and value.lower() == "auto"):
+            return None
+        return _coerce(key, value, _BOOL_FIELD)
+    if f.metadata.get("list"):
+        items = value.split(",") if isinstance(value, str) else value
+        if not isinstance(items, (list, tuple)) or not all(isinstance(v, str) for v in items):
+            raise ConfigError(f"config key '{key}' expects a list of names (YAML list or 'A,B'), got {value!r}")
+        return [v.strip() for v in items if v.strip()]
     kind = f.type if isinstance(f.type, type) else {"int": int, "float": float, "bool": bool, "str": str}[f.type]
     bad = ConfigError(f"config key '{key}' expects {kind.__name__}, got {value!r}")
     if kind is bool:
@@ -225,8 +242,13 @@ def _coerce(key: str, value: Any, f: dataclasses.Field) -> Any:
     value = str(value)
     choices = f.metadata.get("choices")
     if choices and value not in choices:
-        raise ConfigError(f"config key '{key}' must be one of {', '.join(choices)}; got '{value}'")
+        hint = f"; {f.metadata['hint'].format(value)}" if "hint" in f.metadata else ""
+        raise ConfigError(f"config key '{key}' must be one of {', '.join(choices)}; got '{value}'{hint}")
     return value
+
+
+_BOOL_FIELD = dataclasses.field(default=False)
+_BOOL_FIELD.type = "bool"
 
 
 def preset_dir() -> Path:
@@ -329,27 +351,56 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         if not ok:
             raise ConfigError(message)
 
+    for key, f in LEAVES.items():  # an inf or NaN anywhere trains garbage, or checkpoints it
+        value = get_value(cfg, key)
+        if isinstance(value, float):
+            need(math.isfinite(value), f"config key '{key}' must be a finite number, got {value}")
     for key in ("model.n_layer", "model.n_head", "model.n_embd", "model.block_size", "train.max_steps",
-                "train.batch_tokens", "train.micro_batch", "train.eval_batches", "train.log_interval"):
-        section, leaf = key.split(".")
-        need(getattr(getattr(cfg, section), leaf) > 0, f"config key '{key}' must be positive")
+                "train.batch_tokens", "train.micro_batch", "train.eval_batches", "train.log_interval", "optim.lr"):
+        need(get_value(cfg, key) > 0, f"config key '{key}' must be positive")
     for key in ("model.vocab_size", "train.seq_len", "train.eval_interval", "train.sample_interval",
                 "train.sample_tokens", "schedule.warmup_steps", "schedule.decay_steps", "checkpoint.interval",
-                "checkpoint.keep_last", "optim.weight_decay", "optim.grad_clip", "schedule.min_lr"):
-        section, leaf = key.split(".")
-        need(getattr(getattr(cfg, section), leaf) >= 0, f"config key '{key}' must not be negative")
+                "checkpoint.every_minutes", "optim.weight_decay", "optim.grad_clip", "optim.eps", "schedule.min_lr",
+                "preemption.deadline_margin_s"):
+        need(get_value(cfg, key) >= 0, f"config key '{key}' must not be negative")
     need(m.n_embd % m.n_head == 0, f"config key 'model.n_embd' ({m.n_embd}) must be divisible by model.n_head ({m.n_head})")
     need(0.0 <= m.dropout < 1.0, "config key 'model.dropout' must be in [0, 1)")
-    need(cfg.optim.lr > 0, "config key 'optim.lr' must be positive")
     need(cfg.schedule.min_lr <= cfg.optim.lr, f"config key 'schedule.min_lr' ({cfg.schedule.min_lr}) must not exceed optim.lr ({cfg.optim.lr})")
     need(0.0 <= cfg.optim.beta1 < 1.0 and 0.0 <= cfg.optim.beta2 < 1.0, "config keys 'optim.beta1' and 'optim.beta2' must be in [0, 1)")
     need(t.seq_len <= m.block_size, f"config key 'train.seq_len' ({t.seq_len}) is above model.block_size ({m.block_size})")
-    per_micro_step = t.micro_batch * cfg.seq_len * world_size
-    need(t.batch_tokens % per_micro_step == 0,
-         f"config key 'train.batch_tokens' ({t.batch_tokens}) must be a multiple of train.micro_batch x seq_len x ranks "
-         f"= {t.micro_batch} x {cfg.seq_len} x {world_size} = {per_micro_step}")
+    per_rank_step = cfg.seq_len * world_size
+    need(t.batch_tokens % per_rank_step == 0,
+         f"config key 'train.batch_tokens' ({t.batch_tokens}) must be a multiple of seq_len x ranks "
+         f"= {cfg.seq_len} x {world_size} = {per_rank_step}, so that every rank gets whole sequences")
     need(cfg.checkpoint.keep_last >= 1, "config key 'checkpoint.keep_last' must be at least 1")
     need(bool(cfg.run_dir), "config key 'run_dir' must not be empty")
+    for name in cfg.preemption.signals:
+        need(hasattr(signal, name.upper() if name.upper().startswith("SIG") else "SIG" + name.upper()),
+             f"config key 'preemption.signals': '{name}' is not a signal of this system (e.g. TERM, USR1, USR2)")
+
+
+def resolve_vocab(cfg: Config, tokenizer: dict, data_dir: str) -> Config:
+    """The config with model.vocab_size taken from the data's tokenizer (0 means: what the data says); a
+    different number in the config is an error."""
+    data_vocab = tokenizer["n_vocab"]
+    if cfg.model.vocab_size not in (0, data_vocab):
+        raise ConfigError(f"config key 'model.vocab_size' is {cfg.model.vocab_size} but the data in '{data_dir}' "
+                          f"was tokenized with {tokenizer['name']} ({data_vocab} tokens)")
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=data_vocab))
+
+
+def micro_batch_for(cfg: Config, world_size: int) -> int:
+    """Sequences per forward pass: the largest number up to train.micro_batch that divides each rank's share
+    of the global batch. The samples of a step stay the same; only the accumulation steps change."""
+    per_rank = cfg.train.batch_tokens // (cfg.seq_len * world_size)
+    return max(m for m in range(1, min(cfg.train.micro_batch, per_rank) + 1) if per_rank % m == 0)
+
+
+def get_value(cfg: Config, key: str) -> Any:
+    target = cfg
+    for part in key.split("."):
+        target = getattr(target, part)
+    return target
 
 
 def to_dict(cfg: Config) -> dict:

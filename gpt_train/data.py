@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gpt_train.errors import DataError
+from gpt_train.errors import CheckpointError, DataError
 
 FORMAT = "gpt-train-tokens/1"
 
@@ -85,11 +85,21 @@ class Loader:
     """Training batches for one rank; `next_sample` (global, rank-independent) is its whole state."""
 
     def __init__(self, split: Split, seed: int, global_batch: int, micro_batch: int, rank: int, world_size: int):
-        assert global_batch % (micro_batch * world_size) == 0, "validated by config.validate"
+        assert global_batch % (micro_batch * world_size) == 0, "chosen by config.micro_batch_for"
         self.split, self.seed = split, seed
         self.global_batch, self.micro_batch = global_batch, micro_batch
         self.rank, self.world_size = rank, world_size
         self.next_sample = 0
+
+    def state_dict(self) -> dict:
+        return {"next_sample": self.next_sample, "seq_len": self.split.seq_len}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["seq_len"] != self.split.seq_len:
+            raise CheckpointError(f"the checkpoint was trained with seq_len {state['seq_len']}, the config says "
+                                  f"{self.split.seq_len}: its token stream cannot continue; start a new run with "
+                                  "checkpoint.init_from=<that checkpoint>")
+        self.next_sample = state["next_sample"]
 
     @property
     def accum_steps(self) -> int:

@@ -1,18 +1,17 @@
 """Who this process is in the job, whatever launched it (one process, torchrun, srun, submitit), and the
-PyTorch distributed pieces the trainer uses: the process group, DDP or FSDP2, full-state checkpoints.
+process group it joins and leaves.
 
 The launcher's environment is read once into a `World`; the rest of the code asks the World
-and never reads RANK or SLURM_* itself.
+and never reads RANK or SLURM_* itself. How the model is spread over the ranks is `parallel.py`;
+the collectives the trainer's ranks agree with are `collectives.py`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime
-import io
 import ipaddress
 import os
-import re
 import socket
 import sys
 import tempfile
@@ -22,6 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from gpt_train import protocol
 from gpt_train.errors import ConfigError, UserError
 
 
@@ -52,21 +52,6 @@ class World:
                 f"launcher {self.launcher}")
 
 
-def expand_nodelist(nodelist: str) -> list[str]:
-    """SLURM's compressed host list ("gpu[01-03,07],login1") as host names, without calling scontrol:
-    inside a container `scontrol` is usually missing."""
-    hosts = []
-    for prefix, ranges, plain in re.findall(r"([^,\[]+)\[([^\]]+)\]|([^,\[\]]+)", nodelist):
-        if plain:
-            hosts.append(plain)
-            continue
-        for part in ranges.split(","):
-            lo, _, hi = part.partition("-")
-            for n in range(int(lo), int(hi or lo) + 1):
-                hosts.append(f"{prefix}{n:0{len(lo)}d}")
-    return hosts
-
-
 def detect_world(env: dict[str, str] | None = None) -> World:
     env = dict(os.environ if env is None else env)
     if "RANK" in env and "WORLD_SIZE" in env:  # torchrun, submitit's helper, or anything setting the c10d variables
@@ -81,17 +66,15 @@ def detect_world(env: dict[str, str] | None = None) -> World:
         )
     if int(env.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in env:  # srun, one task per GPU
         nodes = int(env.get("SLURM_JOB_NUM_NODES", env.get("SLURM_NNODES", "1")))
-        hosts = expand_nodelist(env.get("SLURM_JOB_NODELIST", env.get("SLURM_NODELIST", "localhost")))
-        job = int(env.get("SLURM_JOB_ID", "0"))
+        nodelist = env.get("SLURM_JOB_NODELIST", env.get("SLURM_NODELIST", "localhost"))
         return World(
             rank=int(env["SLURM_PROCID"]),
             local_rank=int(env.get("SLURM_LOCALID", 0)),
             world_size=int(env["SLURM_NTASKS"]),
             local_world_size=int(env["SLURM_NTASKS"]) // nodes,
             launcher="srun",
-            master_addr=env.get("MASTER_ADDR") or hosts[0],
-            # A port derived from the job id keeps two jobs sharing a node from colliding.
-            master_port=int(env.get("MASTER_PORT") or 20000 + job % 20000),
+            master_addr=env.get("MASTER_ADDR") or protocol.master_address(nodelist),
+            master_port=int(env.get("MASTER_PORT") or protocol.master_port(env.get("SLURM_JOB_ID", "0"))),
         )
     return World()
 
@@ -144,18 +127,7 @@ def is_loopback(host: str) -> bool:
 
 def env_settings(cfg) -> dict[str, str]:
     """The communication variables that a DistributedConfig sets, name -> value (unset fields give none)."""
-    out = {}
-    if cfg.socket_ifname:
-        out["NCCL_SOCKET_IFNAME"] = cfg.socket_ifname
-        if not cfg.socket_ifname.startswith(("^", "=")):  # gloo takes plain interface names only
-            out["GLOO_SOCKET_IFNAME"] = cfg.socket_ifname
-    if cfg.ib != "auto":
-        out["NCCL_IB_DISABLE"] = "0" if cfg.ib == "on" else "1"
-    if cfg.nccl_debug:
-        out["NCCL_DEBUG"] = cfg.nccl_debug
-    if cfg.async_error_handling != "auto":
-        out["TORCH_NCCL_ASYNC_ERROR_HANDLING"] = cfg.async_error_handling
-    return out
+    return protocol.comm_env(cfg.socket_ifname, cfg.ib, cfg.nccl_debug, cfg.async_error_handling)
 
 
 COMM_VARIABLES = ("MASTER_ADDR", "MASTER_PORT", "NCCL_", "GLOO_", "TORCH_NCCL_", "TORCH_DISTRIBUTED_", "TORCHELASTIC_")
@@ -289,179 +261,18 @@ def _first_line(e: Exception) -> str:
     return lines[0][:300] if lines else "no message"
 
 
-def shutdown(world: World) -> None:
-    if dist.is_initialized():
-        dist.barrier()  # without it a fast rank tears down the group while a peer still talks: seen to abort here
-        dist.destroy_process_group()
-
-
-# -- DDP or FSDP ----------------------------------------------------------------------------------
-
-def wrap(model: torch.nn.Module, world: World, device: torch.device, cfg) -> torch.nn.Module:
-    """The module the training step calls: DDP, or FSDP2 (`fully_shard` on each transformer block, then the
-    root), or the model itself for one process. cfg is the run's Config.
-
-    FSDP2 shards the model in place, so the plain module (and `torch.compile`'s wrapper around it) becomes
-    the sharded one: build the optimizer from its parameters after this call. Either way the result has
-    `no_sync()`: DDP skips the gradient all-reduce inside it; FSDP reduce-scatters on every micro-step
-    anyway, so that gradients stay sharded (skipping it would hold the whole model's gradients unsharded,
-    the memory FSDP is there to save)."""
-    if not world.distributed:
-        return model
-    if cfg.distributed.strategy == "ddp":
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-    from gpt_train import precision
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-
-    if precision.choose(cfg.train.precision, device) == "fp16":
-        raise ConfigError("distributed.strategy=fsdp does not support train.precision=fp16 (its loss scaler would "
-                          "see only this rank's shard of the gradients): use bf16 or fp32, or strategy=ddp")
-    inner = getattr(model, "_orig_mod", model)  # torch.compile's wrapper compiles lazily: shard what it wraps
-    mesh = init_device_mesh(device.type, (world.world_size,))
-    for block in inner.transformer.h:
-        fully_shard(block, mesh=mesh, reshard_after_forward=True)
-    fully_shard(inner, mesh=mesh, reshard_after_forward=False)  # the root's parameters are used again at once
-    inner.no_sync = contextlib.nullcontext
-    return model
-
-
-def is_sharded(model: torch.nn.Module) -> bool:
-    from torch.distributed.fsdp import FSDPModule
-
-    return isinstance(getattr(model, "_orig_mod", model), FSDPModule)
-
-
-@contextlib.contextmanager
-def gathered(model: torch.nn.Module):
-    """Every rank enters; inside, any one rank may run the model's forward alone (sampling on rank 0).
-    FSDP: all-gathers every shard on entry and keeps the full parameters until exit. Others: nothing."""
-    from torch.distributed.fsdp import FSDPModule
-
-    inner = getattr(model, "_orig_mod", model)
-    units = [m for m in inner.modules() if isinstance(m, FSDPModule)]
-    if not units:
-        yield
+def shutdown(clean: bool = True) -> None:
+    """Leave the process group. After a clean end the ranks wait for each other first: a fast rank tearing
+    the group down while a peer still talks was seen to abort the peer. After a failure nobody waits: the
+    peers stuck in a collective learn of it when this process's connections close, not at the timeout."""
+    if not dist.is_initialized():
         return
-    for unit in units:
-        unit.unshard()
-        unit.set_reshard_after_forward(False, recurse=False)
-    try:
-        yield
-    finally:
-        for unit in units:  # back to wrap()'s settings
-            unit.set_reshard_after_forward(unit is not inner, recurse=False)
-            unit.reshard()
-
-
-# -- full-state checkpoints, the same for one process, DDP and FSDP -------------------------------------
-
-TIED = "lm_head.weight"  # the same matrix as transformer.wte.weight: stored once
-
-
-def _options(model: torch.nn.Module, **kw):
-    from torch.distributed.checkpoint.state_dict import StateDictOptions
-
-    # cpu_offload gathers shard by shard into rank 0's host memory; the other ranks get {}. Without FSDP
-    # the tensors stay where they are and the checkpointer copies them to pinned memory asynchronously.
-    return StateDictOptions(full_state_dict=True, cpu_offload=is_sharded(model), **kw)
-
-
-def model_state(model: torch.nn.Module) -> dict:
-    """Full weights with plain names (no `module.` or `_orig_mod.`). Every rank must call it (FSDP gathers);
-    only rank 0's result is complete."""
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict
-
-    state = get_model_state_dict(getattr(model, "_orig_mod", model), options=_options(model))
-    return {k: v for k, v in state.items() if k != TIED}
-
-
-def optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-    """The whole optimizer state keyed by parameter name (`transformer.h.0.mlp.c_fc.weight`), param_groups
-    listing names: it loads under any strategy and world size. Every rank must call it; rank 0's is complete."""
-    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
-
-    return get_optimizer_state_dict(getattr(model, "_orig_mod", model), optimizer, options=_options(model))
-
-
-def load_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
-    """Load a full optimizer state (every rank passes the whole of it) into this strategy's optimizer.
-    State saved by `optimizer.state_dict()` (integer ids, before names were used) is converted first."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-    inner = getattr(model, "_orig_mod", model)
-    state = _by_name(inner, optimizer, state)
-    set_optimizer_state_dict(inner, optimizer, state, options=StateDictOptions(full_state_dict=True))
-
-
-def _by_name(model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> dict:
-    ids = [p for g in state.get("param_groups", []) for p in g["params"]]
-    if not ids or not all(isinstance(p, int) for p in ids):
-        return state
-    names = {id(p): n for n, p in model.named_parameters()}  # the first name of a tied parameter
-    order = [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
-    if len(order) != len(ids):
-        raise UserError(f"the checkpoint's optimizer holds {len(ids)} parameters, this model {len(order)}")
-    name_of = dict(zip(ids, order))
-    return {
-        "state": {name_of[i]: v for i, v in state["state"].items()},
-        "param_groups": [{**g, "params": [name_of[i] for i in g["params"]]} for g in state["param_groups"]],
-    }
-
-
-# -- collectives of plain values --------------------------------------------------------------------
-
-def all_reduce_mean(value: float, device: torch.device) -> float:
-    if not dist.is_initialized():
-        return value
-    t = torch.tensor([value], dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return t.item() / dist.get_world_size()
-
-
-def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
-    if not dist.is_initialized():
-        return values
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return t.tolist()
-
-
-def any_rank(flag: bool, device: torch.device) -> bool:
-    """True on every rank when it is true on any: the ranks must agree before they act together."""
-    return all_reduce_sum([float(flag)], device)[0] > 0 if dist.is_initialized() else flag
-
-
-def barrier() -> None:
-    if dist.is_initialized():
+    if clean:
         dist.barrier()
-
-
-def _pack(obj) -> bytes:
-    # torch.save, not plain pickle: torch 2.13's *_object collectives fail to unpickle CPU tensors (such as
-    # RNG states) with "UntypedStorage has no attribute 'dtype'"; bytes travel fine.
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    return buf.getvalue()
-
-
-def _unpack(data: bytes):
-    return torch.load(io.BytesIO(data), weights_only=True)
-
-
-def all_gather_object(obj):
-    if not dist.is_initialized():
-        return [obj]
-    out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, _pack(obj))
-    return [_unpack(b) for b in out]
-
-
-def broadcast_object(obj):
-    if not dist.is_initialized():
-        return obj
-    box = [_pack(obj)]
-    dist.broadcast_object_list(box, src=0)
-    return _unpack(box[0])
+        dist.destroy_process_group()
+        return
+    abort = getattr(dist.distributed_c10d, "_abort_process_group", None)
+    try:
+        abort() if abort else dist.destroy_process_group()
+    except Exception:  # the group may already be broken: that is why we are here
+        pass

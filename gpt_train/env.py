@@ -126,7 +126,7 @@ def _storage(cfg: Config) -> tuple[dict, list[str]]:
                 os.rmdir(store.root)
             except OSError:
                 pass
-        steps = Checkpointer(cfg.run_dir, 1, False, log=lambda m: None).valid_steps() if existed else []
+        steps = Checkpointer(cfg.run_dir, 1, False, log=lambda m: None).manifested_steps() if existed else []
         out["run_dir"].update(writable=True, checkpoints=len(steps), newest_step=steps[-1] if steps else None)
     except Exception as e:  # any storage library's error: reported, not raised
         out["run_dir"].update(writable=False, error=str(e))

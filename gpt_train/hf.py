@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from gpt_train.errors import CheckpointError
-from gpt_train.model import GPT, padded_vocab
+from gpt_train.model import GPT, TIED_WEIGHT, padded_vocab
 
 # HF's GPT-2 keeps these as Conv1D, whose weight is (in, out): the transpose of nn.Linear's.
 _CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -96,10 +96,10 @@ def load_hf_gpt2(model: GPT, path: str | Path) -> None:
     theirs = {k.removeprefix("transformer."): v for k, v in _read_tensors(path).items()
               if not k.endswith(_MASK_BUFFERS)}
     # GPT-2 ties lm_head to wte, so save_pretrained usually drops it; if present it must be the same matrix.
-    lm_head = theirs.pop("lm_head.weight", None)
+    lm_head = theirs.pop(TIED_WEIGHT, None)
     if lm_head is not None and not torch.equal(lm_head, theirs.get("wte.weight", lm_head)):
         raise CheckpointError(f"'{path}' has an lm_head that differs from wte; gpt-train needs them tied")
-    ours = {k.removeprefix("transformer."): v for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    ours = {k.removeprefix("transformer."): v for k, v in model.state_dict().items() if k != TIED_WEIGHT}
     missing, unexpected = sorted(ours.keys() - theirs.keys()), sorted(theirs.keys() - ours.keys())
     if missing or unexpected:
         raise CheckpointError(f"'{path}' does not match the model: missing {missing or 'none'}, "

@@ -14,6 +14,8 @@ import torch.nn.functional as F
 
 from gpt_train.config import ModelConfig
 
+TIED_WEIGHT = "lm_head.weight"  # the same matrix as transformer.wte.weight: saved and loaded once, as wte
+
 
 def padded_vocab(vocab_size: int) -> int:
     """Round the embedding table up to a multiple of 64: matmuls on such shapes run faster."""

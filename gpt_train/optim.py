@@ -6,6 +6,7 @@ import math
 
 import torch
 
+from gpt_train import parallel
 from gpt_train.config import Config
 
 
@@ -35,3 +36,20 @@ def lr_at(step: int, cfg: Config) -> float:
         return floor
     progress = (step - warmup) / max(1, decay_end - warmup)
     return floor + 0.5 * (1.0 + math.cos(math.pi * progress)) * (peak - floor)
+
+
+class OptimizerState:
+    """AdamW's moments and the fp16 loss scaler, saved by parameter name so that they load under any
+    strategy and world size. Every rank takes part in `state_dict` (FSDP gathers); rank 0's is complete."""
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler):
+        self.model, self.optimizer, self.scaler = model, optimizer, scaler
+
+    def state_dict(self) -> dict:
+        return {"optimizer": parallel.optimizer_state(self.model, self.optimizer),
+                "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None}
+
+    def load_state_dict(self, state: dict) -> None:
+        parallel.load_optimizer_state(self.model, self.optimizer, state["optimizer"])
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])

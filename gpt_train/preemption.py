@@ -2,7 +2,7 @@
 
 A signal handler only records the signal: I/O inside a handler can deadlock (a print, a
 collective, a checkpoint write). The training loop looks at the flag at each step boundary;
-the ranks agree with one all-reduce, write a checkpoint together and exit with REQUEUE_EXIT,
+the ranks agree with one all-reduce, write a checkpoint together and exit with protocol.EXIT_REQUEUE,
 which the launcher and slurm/pretrain.sbatch read as "requeue me".
 
 A deadline (the job's end time) is treated like a signal that arrives `margin` seconds early,
@@ -15,8 +15,6 @@ import os
 import signal
 import subprocess
 import time
-
-REQUEUE_EXIT = 75  # EX_TEMPFAIL: "try again later"
 
 
 def slurm_end_time(env: dict[str, str] | None = None) -> float | None:
@@ -40,11 +38,11 @@ def slurm_end_time(env: dict[str, str] | None = None) -> float | None:
 
 
 class Preemption:
-    def __init__(self, signals: str, deadline: float | None, margin_s: float):
+    def __init__(self, signals: list[str], deadline: float | None, margin_s: float):
         self.received: str | None = None
         self.deadline = deadline
         self.margin_s = margin_s
-        for name in filter(None, (s.strip().upper() for s in signals.split(","))):
+        for name in (s.strip().upper() for s in signals):
             signal.signal(getattr(signal, name if name.startswith("SIG") else "SIG" + name), self._handle)
 
     def _handle(self, signum, frame) -> None:

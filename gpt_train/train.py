@@ -1,7 +1,14 @@
 """`gpt-train train CONFIG [key=value ...]`: the training loop, top to bottom.
 
 The same code runs as one process, under torchrun, under srun and under submitit: the launcher
-only changes what `distributed.detect_world()` finds.
+only changes what `distributed.detect_world()` finds. Who owns which state:
+
+    TrainState              step, tokens seen, best val loss, run id            meta.json
+    data.Loader             the position in the sample stream                   meta.json
+    rng.RankRNG             this rank's random generators                       rng.pt (every rank's)
+    optim.OptimizerState    AdamW's moments and the fp16 loss scaler            optimizer.pt
+    parallel.ModelState     the weights                                          model.pt
+    checkpoint.CheckpointManager   composes them into checkpoints, picks the resume point, decides when to save
 """
 
 from __future__ import annotations
@@ -10,20 +17,25 @@ import argparse
 import contextlib
 import math
 import os
-import random
 import subprocess
+import sys
 import time
+import traceback
+from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 import gpt_train
-from gpt_train import checkpoint, data, distributed, optim, precision
-from gpt_train.preemption import REQUEUE_EXIT, Preemption, slurm_end_time
-from gpt_train.config import Config, dump, load_config, to_dict, validate
-from gpt_train.errors import CheckpointError, ConfigError, DataError
+from gpt_train import collectives, data, distributed, optim, parallel, precision, protocol
+from gpt_train.checkpoint import Checkpoint, CheckpointManager, step_name
+from gpt_train.config import Config, dump, load_config, micro_batch_for, resolve_vocab, to_dict, validate
+from gpt_train.errors import ConfigError, UserError
+from gpt_train.evaluate import val_loss
+from gpt_train.faults import Faults
 from gpt_train.model import GPT
-from gpt_train.runlog import RunLog
+from gpt_train.preemption import Preemption, slurm_end_time
+from gpt_train.rng import RankRNG
+from gpt_train.runlog import RunLog, read_jsonl
 from gpt_train.storage import Store
 from gpt_train.tokenizer import from_identity
 
@@ -37,29 +49,47 @@ def run(args: argparse.Namespace) -> int:
     return train(load_config(args.config, args.overrides))
 
 
-# -- state that is not tensors of the model or optimizer -------------------------------------------
+def train(cfg: Config) -> int:
+    """Train or resume the run of `cfg` as one rank of whatever launched this process; the exit code.
 
-def rng_state() -> dict:
-    np_state = np.random.get_state()
-    return {
-        "python": random.getstate(),
-        "numpy": (np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:]),
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-    }
+    An exception on any rank ends this rank at once, with its traceback, and without waiting for the others
+    (a barrier would hold them all until the collective timeout): the peers' next collective fails."""
+    world = distributed.detect_world()
+    meta = _data_meta(cfg, world)
+    cfg = resolve_vocab(cfg, meta["tokenizer"], cfg.data.dir)
+    validate(cfg, world.world_size)
+    device = distributed.pick_device(cfg.train.device, world)
+    backend = distributed.init(world, device, cfg.distributed)
+    try:
+        rc = Trainer(cfg, world, device, backend, meta).fit()
+    except UserError:
+        distributed.shutdown(clean=False)
+        raise
+    except Exception:
+        traceback.print_exc()
+        print(f"gpt-train train: rank {world.rank}/{world.world_size} failed; leaving the process group without "
+              "waiting for the other ranks", file=sys.stderr, flush=True)
+        distributed.shutdown(clean=False)
+        raise SystemExit(1) from None
+    except BaseException:
+        distributed.shutdown(clean=False)
+        raise
+    distributed.shutdown(clean=True)
+    return rc
 
 
-def set_rng_state(state: dict) -> None:
-    random.setstate(_as_tuples(state["python"]))
-    kind, keys, *rest = state["numpy"]
-    np.random.set_state((kind, keys.numpy(), *rest))
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+def _data_meta(cfg: Config, world: distributed.World) -> dict:
+    """The prepared data's description; the embedded default's data is prepared on first use."""
+    if not world.distributed:
+        from gpt_train.prepare import ensure_bundled
+
+        ensure_bundled(cfg.data.dir)
+    return data.read_meta(cfg.data.dir)
 
 
-def _as_tuples(x):
-    return tuple(_as_tuples(v) for v in x) if isinstance(x, (list, tuple)) else x
+def count_starts(store: Store) -> int:
+    """Earlier starts of this run (the attempt number is one more)."""
+    return sum(1 for e in read_jsonl(store, "events.jsonl") if e.get("event") in ("start", "resume"))
 
 
 def git_commit() -> str:
@@ -71,284 +101,265 @@ def git_commit() -> str:
         return ""
 
 
-# -- the run -------------------------------------------------------------------------------------
+@dataclass
+class TrainState:
+    """The run's counters: what a resume must continue from, besides the tensors."""
 
-def train(cfg: Config) -> int:
-    world = distributed.detect_world()
-    validate(cfg, world.world_size)
-    device = distributed.pick_device(cfg.train.device, world)
-    backend = distributed.init(world, device, cfg.distributed)
-    try:
-        return _train(cfg, world, device, backend)
-    finally:
-        distributed.shutdown(world)
+    step: int = 0
+    tokens: int = 0
+    best_val_loss: float | None = None
+    run_id: str = ""
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "tokens": self.tokens, "best_val_loss": self.best_val_loss, "run_id": self.run_id}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step, self.tokens = int(state["step"]), int(state["tokens"])
+        self.best_val_loss, self.run_id = state.get("best_val_loss"), state["run_id"]
 
 
-def _train(cfg: Config, world: distributed.World, device: torch.device, backend: str | None) -> int:
-    say = print if world.is_main else (lambda *a, **k: None)
-    t, seq_len = cfg.train, cfg.seq_len
+@dataclass
+class StepResult:
+    loss: float | None  # mean over ranks and micro-batches; only on logging steps (it costs a sync)
+    grad_norm: float
+    lr: float
 
-    # Data and tokenizer first: they decide the vocabulary, and a bad path should fail before anything heavy.
-    meta = data.read_meta(cfg.data.dir)
-    data_vocab = meta["tokenizer"]["n_vocab"]
-    if cfg.model.vocab_size == 0:
-        cfg.model.vocab_size = data_vocab
-    elif cfg.model.vocab_size != data_vocab:
-        raise ConfigError(f"config key 'model.vocab_size' is {cfg.model.vocab_size} but the data in '{cfg.data.dir}' "
-                          f"was tokenized with {meta['tokenizer']['name']} ({data_vocab} tokens)")
-    tokenizer = from_identity(meta["tokenizer"], cfg.data.dir)
-    train_split = data.Split(cfg.data.dir, "train", seq_len)
-    val_split = data.Split(cfg.data.dir, "val", seq_len)
 
-    prec = precision.choose(t.precision, device)
-    problem = precision.check(prec, device)
-    if problem:
-        raise ConfigError(problem)
-    deterministic = t.deterministic == "true" or (t.deterministic == "auto" and device.type == "cpu")
-    precision.make_deterministic(deterministic, device)
-    if device.type == "cpu":
-        precision.reuse_freed_memory()  # large per-step tensors reuse pages instead of faulting in fresh ones
+class Trainer:
+    """One rank's training run: built from the config, resumed by its CheckpointManager, run by `fit`."""
 
-    store = Store(cfg.run_dir)
-    ckpts = checkpoint.Checkpointer(cfg.run_dir, cfg.checkpoint.keep_last, cfg.checkpoint.keep_best,
-                                    asynchronous=cfg.checkpoint.async_save, log=say)
-    if world.is_main:
-        store.check_writable()
+    def __init__(self, cfg: Config, world: distributed.World, device: torch.device, backend: str | None, meta: dict):
+        self.cfg, self.world, self.device, self.backend = cfg, world, device, backend
+        self.say = print if world.is_main else (lambda *a, **k: None)
+        self.data_meta = meta
+        self._setup_numerics()
+        self.store = Store(cfg.run_dir)
+        if world.is_main:
+            self.store.check_writable()
+        self.state = TrainState()
+        self.ckpt = CheckpointManager(cfg.checkpoint, cfg.run_dir, world, log=self.say, about={
+            "config": to_dict(cfg), "tokenizer": meta["tokenizer"], "version": gpt_train.__version__,
+            "git_commit": git_commit() if world.is_main else ""})
+        found, init, self.start_note = self.ckpt.resume_point()
+        self._build(found, init)
+        self.ckpt.restore(found)
+        if world.is_main:
+            self.state.run_id = RunLog.identify(self.store, found and found.meta)  # RUN/run.json
+        self.attempt = collectives.broadcast_object(count_starts(self.store) + 1 if world.is_main else 0)
+        self.faults = Faults.from_env(world.rank, self.attempt)
+        self.log: RunLog | None = None
 
-    # Where to start: decided by rank 0, so that every rank loads the same checkpoint.
-    ckpt, init_url, note = _resume_point(cfg, ckpts) if world.is_main else (None, None, "")
-    resume_url, init_url, note = distributed.broadcast_object((ckpt and ckpt.url, init_url, note))
+    def _setup_numerics(self) -> None:
+        t, device = self.cfg.train, self.device
+        self.prec = precision.choose(t.precision, device)
+        problem = precision.check(self.prec, device)
+        if problem:
+            raise ConfigError(problem)
+        self.deterministic = device.type == "cpu" if t.deterministic is None else t.deterministic
+        precision.make_deterministic(self.deterministic, device)
+        if device.type == "cpu":
+            precision.reuse_freed_memory()  # large per-step tensors reuse pages instead of faulting in fresh ones
 
-    torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
-    model = GPT(cfg.model)
-    if resume_url:
-        ckpt = ckpt or checkpoint.load(resume_url)
-        checkpoint.check_compatible(ckpt.meta, to_dict(cfg)["model"], meta["tokenizer"], resume_url)
-        checkpoint.load_model_state(model, ckpt.model, resume_url)
-    elif init_url:
-        start = checkpoint.load(init_url, parts=("model",))
-        checkpoint.check_compatible(start.meta, to_dict(cfg)["model"], meta["tokenizer"], init_url)
-        checkpoint.load_model_state(model, start.model, init_url)
-    elif cfg.model.init_from:
-        from gpt_train.hf import load_hf_gpt2
-        load_hf_gpt2(model, cfg.model.init_from)
-    model.to(device)
+    def _build(self, found: Checkpoint | None, init: Checkpoint | None) -> None:
+        """Data, model (weights from the checkpoint, another run's, Hugging Face's or random), optimizer."""
+        cfg, world, t = self.cfg, self.world, self.cfg.train
+        self.tokenizer = from_identity(self.data_meta["tokenizer"], cfg.data.dir)
+        self.train_split = data.Split(cfg.data.dir, "train", cfg.seq_len)
+        self.val_split = data.Split(cfg.data.dir, "val", cfg.seq_len)
+        self.micro_batch = micro_batch_for(cfg, world.world_size)
+        self.loader = data.Loader(self.train_split, t.seed, t.batch_tokens // cfg.seq_len, self.micro_batch,
+                                  world.rank, world.world_size)
+        torch.manual_seed(t.seed)  # the same initial weights on every rank
+        self.raw_model = GPT(cfg.model)
+        self.ckpt.attach(model=parallel.ModelState(self.raw_model))
+        if found or init:
+            self.ckpt.load_weights(found or init)
+        elif cfg.model.init_from:
+            from gpt_train.hf import load_hf_gpt2
 
-    raw_model = model
-    if t.compile:
-        model = torch.compile(model)
-    model = distributed.wrap(model, world, device, cfg)  # DDP, FSDP2 (shards raw_model in place), or the model
-    optimizer = optim.build_optimizer(raw_model, cfg, device.type)  # after wrap: FSDP2 replaces the parameters
-    scaler = torch.amp.GradScaler(device.type, enabled=prec == "fp16")
-    step, tokens, best_val = 0, 0, None
-    run_id = RunLog.identify(store, ckpt and ckpt.meta) if world.is_main else ""  # RUN/run.json
-    loader = data.Loader(train_split, t.seed, t.batch_tokens // seq_len, t.micro_batch, world.rank, world.world_size)
-    if ckpt:
-        distributed.load_optimizer_state(raw_model, optimizer, ckpt.optimizer["optimizer"])
-        if ckpt.optimizer.get("scaler"):
-            scaler.load_state_dict(ckpt.optimizer["scaler"])
-        m = ckpt.meta
-        step, tokens, best_val, run_id = m["step"], m["tokens"], m.get("best_val_loss"), m["run_id"]
-        loader.next_sample = m["next_sample"]
-        if m["seq_len"] != seq_len:
-            raise CheckpointError(f"checkpoint '{resume_url}' was trained with seq_len {m['seq_len']}, the config says "
-                                  f"{seq_len}: the token stream cannot continue; start a new run with resume={resume_url}")
-        if ckpt.rng and len(ckpt.rng) == world.world_size:
-            set_rng_state(ckpt.rng[world.rank])
-        else:  # another world size: fresh streams per rank; only dropout draws from them
-            torch.manual_seed(t.seed + 1000 * step + world.rank)
-    else:
-        torch.manual_seed(t.seed + world.rank)
-    del ckpt
+            load_hf_gpt2(self.raw_model, cfg.model.init_from)
+        self.raw_model.to(self.device)
+        model = torch.compile(self.raw_model) if t.compile else self.raw_model
+        self.model = parallel.wrap(model, world, self.device, cfg)  # DDP, FSDP2 (shards raw_model in place), or itself
+        self.optimizer = optim.build_optimizer(self.raw_model, cfg, self.device.type)  # after wrap: FSDP2 swaps params
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.prec == "fp16")
+        self.ckpt.attach(train=self.state, loader=self.loader, rng=RankRNG(t.seed, world.rank, self.device),
+                         optimizer=optim.OptimizerState(self.raw_model, self.optimizer, self.scaler))
 
-    accum = loader.accum_steps
-    flops_per_step = raw_model.flops_per_token(seq_len) * t.batch_tokens
-    peak = precision.peak_flops(device, prec) if world.is_main else None
-    say(f"world: {world.describe()}, backend {backend or 'none'}"
-        + (f", strategy {cfg.distributed.strategy}, master {world.master_addr}:{world.master_port}" if world.distributed else ""))
-    say(f"device: {device}, precision {prec}, compile {t.compile}, deterministic {deterministic}"
-        + (f", MFU against {peak / 1e12:.3g} TFLOP/s" if peak else ""))
-    say(f"model: {raw_model.num_params() / 1e6:.2f}M parameters, {cfg.model.n_layer} layers, {cfg.model.n_embd} wide, "
-        f"vocab {cfg.model.vocab_size} ({meta['tokenizer']['name']})")
-    say(f"data: {train_split.tokens:,} train / {val_split.tokens:,} val tokens in '{cfg.data.dir}'; batch {t.batch_tokens:,} "
-        f"tokens = {t.micro_batch} seq x {seq_len} x {world.world_size} rank(s) x {accum} accumulation step(s)")
-    say(f"run: {cfg.run_dir} (id {run_id}); {note}")
+    def _announce(self) -> None:
+        """Everything chosen, before the first step: a wrong choice is seen at once, not after the job."""
+        cfg, world, t, say, m = self.cfg, self.world, self.cfg.train, self.say, self.data_meta
+        peak = self.peak
+        accum = self.loader.accum_steps
+        say(f"world: {world.describe()}, backend {self.backend or 'none'}"
+            + (f", strategy {cfg.distributed.strategy}, master {world.master_addr}:{world.master_port}"
+               if world.distributed else ""))
+        say(f"device: {self.device}, precision {self.prec}, compile {t.compile}, deterministic {self.deterministic}"
+            + (f", MFU against {peak / 1e12:.3g} TFLOP/s" if peak else ""))
+        say(f"model: {self.raw_model.num_params() / 1e6:.2f}M parameters, {cfg.model.n_layer} layers, "
+            f"{cfg.model.n_embd} wide, vocab {cfg.model.vocab_size} ({m['tokenizer']['name']})")
+        bound = f" (train.micro_batch={t.micro_batch} does not divide it)" if self.micro_batch != t.micro_batch else ""
+        say(f"data: {self.train_split.tokens:,} train / {self.val_split.tokens:,} val tokens in '{cfg.data.dir}'; "
+            f"batch {t.batch_tokens:,} tokens = {self.micro_batch} seq{bound} x {cfg.seq_len} x {world.world_size} "
+            f"rank(s) x {accum} accumulation step(s)")
+        say(f"run: {cfg.run_dir} (id {self.state.run_id}, start {self.attempt}); {self.start_note}")
+        if self.faults:
+            print(f"fault injection on rank {world.rank}: {self.faults.describe()}", flush=True)
 
-    if step >= t.max_steps:
-        say(f"run already complete at step {step}/{t.max_steps}: nothing to do")
-        return 0
+    # -- the loop --------------------------------------------------------------------------------
 
-    log = None
-    if world.is_main:
-        store.write_text("config.yaml", dump(cfg))
-        log = RunLog(store, resume_step=step, config=cfg)
-        log.event("resume" if step else "start", step=step, world_size=world.world_size,
-                  slurm_job=os.environ.get("SLURM_JOB_ID"), restart=int(os.environ.get("SLURM_RESTART_COUNT", 0)))
-    say("config:\n" + dump(cfg).rstrip())
+    def fit(self) -> int:
+        cfg, t = self.cfg, self.cfg.train
+        self.peak = precision.peak_flops(self.device, self.prec) if self.world.is_main else None
+        self._announce()
+        if self.state.step >= t.max_steps:
+            self.say(f"run already complete at step {self.state.step}/{t.max_steps}: nothing to do")
+            return protocol.EXIT_OK
+        self._open_log()
+        preempt = Preemption(cfg.preemption.signals, slurm_end_time(), cfg.preemption.deadline_margin_s)
+        if preempt.deadline:
+            self.say(f"deadline: {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(preempt.deadline))}; the run "
+                     f"checkpoints and exits {cfg.preemption.deadline_margin_s} s before it")
+        self.model.train()
+        self._clock = time.perf_counter(), self.state.step
+        step_s, t_step = 0.0, time.perf_counter()
+        while self.state.step < t.max_steps:
+            result = self.train_step()
+            step, last = self.state.step, self.state.step == t.max_steps
+            self._report(result, last)
+            val = self._evaluate() if (t.eval_interval and step % t.eval_interval == 0) or last else None
+            if t.sample_tokens and ((t.sample_interval and step % t.sample_interval == 0) or last):
+                self._sample()
+            now = time.perf_counter()
+            step_s, t_step = max(step_s * 0.9, now - t_step), now
+            reason = preempt.reason(step_s)
+            stop, time_due = self._agree(reason is not None, self.ckpt.time_due())
+            stop = stop and not last
+            if stop:
+                reason = reason or "a peer rank was signalled"
+                self.say(f"preemption: {reason} at step {step}: checkpointing, then exiting with "
+                         f"{protocol.EXIT_REQUEUE} to be requeued", flush=True)
+            if last or stop or time_due or self.ckpt.step_due(step):
+                self._save(val, final=last)
+            if stop:
+                return self._stop(reason)
+        return self._finish(val)
 
-    def evaluate() -> float:
-        model.eval()
-        total = torch.zeros(2, dtype=torch.float64, device=device)
-        with torch.no_grad():
-            for x, y in data.eval_batches(val_split, t.eval_batches, t.micro_batch, world.rank, world.world_size):
-                with precision.autocast(prec, device):
-                    _, loss = raw_model(x.to(device), y.to(device))
-                total += torch.tensor([loss.item() * len(x), len(x)], dtype=torch.float64, device=device)
-        model.train()
-        loss_sum, count = distributed.all_reduce_sum(total.tolist(), device)
-        return loss_sum / count
-
-    def sample_text() -> str:
-        from gpt_train.sampling import sample
-        gen = torch.Generator(device=device).manual_seed(t.seed + step)  # leaves the training RNG untouched
-        prompt = tokenizer.encode(t.sample_prompt) or [tokenizer.eot]
-        ids = sample(raw_model, prompt, t.sample_tokens, temperature=0.8, top_k=200, generator=gen, eot=tokenizer.eot)[0]
-        return t.sample_prompt + tokenizer.decode(ids)
-
-    def save(val_loss: float | None, final: bool = False) -> None:
-        rngs = distributed.all_gather_object(rng_state())
-        # Every rank takes part: under FSDP these gather the shards, into rank 0's host memory.
-        weights, opt = distributed.model_state(raw_model), distributed.optimizer_state(raw_model, optimizer)
-        if not world.is_main:
-            return
-        meta_out = {
-            "step": step, "tokens": tokens, "next_sample": loader.next_sample, "seq_len": seq_len,
-            "val_loss": val_loss, "best_val_loss": best_val, "final": final, "run_id": run_id,
-            "world_size": world.world_size, "config": to_dict(cfg), "tokenizer": meta["tokenizer"],
-            "version": gpt_train.__version__, "git_commit": git_commit(), "time": time.time(),
-        }
-        opt_state = {"optimizer": opt, "scaler": scaler.state_dict() if scaler.is_enabled() else None}
-        blocked = ckpts.save(step, weights, opt_state, rngs, meta_out)
-        log.flush()
-        say(f"checkpoint: step {step} snapshot taken, training blocked {blocked * 1000:.0f} ms")
-
-    deadline = slurm_end_time()
-    preempt = Preemption(cfg.preemption.signals, deadline, cfg.preemption.deadline_margin_s)
-    if deadline:
-        say(f"deadline: {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(deadline))}; the run checkpoints and "
-            f"exits {cfg.preemption.deadline_margin_s} s before it")
-
-    model.train()
-    val_loss = None
-    t_last, steps_since = time.perf_counter(), 0
-    step_seconds, t_step = 0.0, time.perf_counter()
-    while step < t.max_steps:
-        lr = optim.lr_at(step, cfg)
-        for group in optimizer.param_groups:
+    def train_step(self) -> StepResult:
+        """One optimizer step: micro-batches with accumulated gradients, clipping, the update."""
+        cfg, t = self.cfg, self.cfg.train
+        lr = optim.lr_at(self.state.step, cfg)
+        for group in self.optimizer.param_groups:
             group["lr"] = lr
-        loss_sum = torch.zeros((), device=device)
-        micro = loader.next_batch()
+        self.faults.before_step(self.state.step + 1)
+        poison = self.faults.corrupts_loss(self.state.step + 1)
+        micro = self.loader.next_batch()
+        loss_sum = torch.zeros((), device=self.device)
         for i, (x, y) in enumerate(micro):
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             # Gradients are all-reduced only on the last micro-step of the accumulation.
-            sync = i == len(micro) - 1 or not world.distributed
-            with contextlib.nullcontext() if sync else model.no_sync():
-                with precision.autocast(prec, device):
-                    _, loss = model(x, y)
-                scaler.scale(loss / accum).backward()
+            sync = i == len(micro) - 1 or not self.world.distributed
+            with contextlib.nullcontext() if sync else self.model.no_sync():
+                with precision.autocast(self.prec, self.device):
+                    _, loss = self.model(x, y)
+                if poison:
+                    loss = loss * float("nan")
+                self.scaler.scale(loss / len(micro)).backward()
             loss_sum += loss.detach()
         grad_norm = None
         if cfg.optim.grad_clip > 0:
-            scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.optim.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        tokens += t.batch_tokens
-        steps_since += 1
-        last = step == t.max_steps
+            self.scaler.unscale_(self.optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), cfg.optim.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.state.step += 1
+        self.state.tokens += t.batch_tokens
+        logging = self.state.step % t.log_interval == 0 or self.state.step == t.max_steps
+        loss_mean = collectives.all_reduce_mean(loss_sum.item() / len(micro), self.device) if logging else None
+        return StepResult(loss_mean, grad_norm.item() if grad_norm is not None else float("nan"), lr)
 
-        if step % t.log_interval == 0 or last:
-            train_loss = distributed.all_reduce_mean(loss_sum.item() / accum, device)
-            if not math.isfinite(train_loss):
-                raise FloatingPointError(f"loss is {train_loss} at step {step}: lower optim.lr or use bf16/fp32")
-            dt = (time.perf_counter() - t_last) / steps_since
-            t_last, steps_since = time.perf_counter(), 0
-            norm = grad_norm.item() if grad_norm is not None else float("nan")
-            tok_s = t.batch_tokens / dt
-            mfu = flops_per_step / dt / peak if peak else None
-            say(f"step {step:>6}/{t.max_steps} | loss {train_loss:.4f} | lr {lr:.2e} | norm {norm:.3f} | "
-                f"{dt * 1000:.0f} ms/step | {tok_s:,.0f} tok/s" + (f" | mfu {mfu:.1%}" if mfu else ""), flush=True)
-            if log:
-                log.metric(step=step, loss=train_loss, lr=lr, grad_norm=norm, tokens=tokens, step_ms=dt * 1000,
-                           tokens_per_s=tok_s, mfu=mfu, epoch=loader.epoch, time=time.time())
+    def _agree(self, stop: bool, time_due: bool) -> tuple[bool, bool]:
+        """One all-reduce per step, so that every rank stops, or saves, at the same step."""
+        stops, dues = collectives.all_reduce_sum([float(stop), float(time_due)], self.device)
+        return stops > 0, dues > 0
 
-        val_loss = None
-        if (t.eval_interval and step % t.eval_interval == 0) or last:
-            val_loss = evaluate()
-            best_val = val_loss if best_val is None else min(best_val, val_loss)
-            say(f"step {step:>6}/{t.max_steps} | val loss {val_loss:.4f} | best {best_val:.4f}", flush=True)
-            if log:
-                log.metric(step=step, val_loss=val_loss, tokens=tokens, time=time.time())
+    # -- what a step reports -----------------------------------------------------------------------
 
-        if t.sample_tokens and ((t.sample_interval and step % t.sample_interval == 0) or last):
-            with distributed.gathered(raw_model):  # FSDP: every rank gathers the weights so rank 0 can run alone
-                text = sample_text() if world.is_main else None
-            if world.is_main:
-                say(f"sample at step {step}:\n{text}\n", flush=True)
-                log.sample(step, text)
+    def _report(self, r: StepResult, last: bool) -> None:
+        if r.loss is None:
+            return
+        t, step = self.cfg.train, self.state.step
+        if not math.isfinite(r.loss):
+            raise FloatingPointError(f"loss is {r.loss} at step {step}: lower optim.lr or use bf16/fp32")
+        start, start_step = self._clock
+        dt = (time.perf_counter() - start) / max(1, step - start_step)
+        self._clock = time.perf_counter(), step
+        tok_s = t.batch_tokens / dt
+        mfu = self.raw_model.flops_per_token(self.cfg.seq_len) * t.batch_tokens / dt / self.peak if self.peak else None
+        self.say(f"step {step:>6}/{t.max_steps} | loss {r.loss:.4f} | lr {r.lr:.2e} | norm {r.grad_norm:.3f} | "
+                 f"{dt * 1000:.0f} ms/step | {tok_s:,.0f} tok/s" + (f" | mfu {mfu:.1%}" if mfu else ""), flush=True)
+        if self.log:
+            self.log.metric(step=step, loss=r.loss, lr=r.lr, grad_norm=r.grad_norm, tokens=self.state.tokens,
+                            step_ms=dt * 1000, tokens_per_s=tok_s, mfu=mfu, epoch=self.loader.epoch, time=time.time())
 
-        if (cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0) or last:
-            save(val_loss, final=last)
+    def _evaluate(self) -> float:
+        t, s = self.cfg.train, self.state
+        loss = val_loss(self.raw_model, self.val_split, t.eval_batches, self.micro_batch, self.world.rank,
+                        self.world.world_size, self.device, self.prec)
+        s.best_val_loss = loss if s.best_val_loss is None else min(s.best_val_loss, loss)
+        self.say(f"step {s.step:>6}/{t.max_steps} | val loss {loss:.4f} | best {s.best_val_loss:.4f}", flush=True)
+        if self.log:
+            self.log.metric(step=s.step, val_loss=loss, tokens=s.tokens, time=time.time())
+        return loss
 
-        now = time.perf_counter()
-        step_seconds, t_step = max(step_seconds * 0.9, now - t_step), now
-        reason = preempt.reason(step_seconds)
-        if not last and distributed.any_rank(reason is not None, device):
-            say(f"preemption: {reason or 'a peer rank was signalled'} at step {step}: checkpointing, then exiting "
-                f"with {REQUEUE_EXIT} to be requeued", flush=True)
-            if not (cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0):
-                save(val_loss)
-            if world.is_main:
-                landed = ckpts.wait()
-                log.event("preempted", step=step, cause=reason or "peer", checkpoint_landed=landed)
-                log.close()
-            return REQUEUE_EXIT
+    def _sample(self) -> None:
+        from gpt_train.sampling import sample
 
-    if world.is_main:
-        landed = ckpts.wait()
-        log.event("finish", step=step, tokens=tokens, val_loss=val_loss)
-        log.close()
-        say(f"done: step {step}, val loss {val_loss:.4f}, checkpoint "
-            + (f"{cfg.run_dir}/checkpoints/{checkpoint.step_name(step)}" if landed else f"FAILED ({ckpts.last_error})"))
-        if not landed:
-            return 1
-    return 0
+        t, step = self.cfg.train, self.state.step
+        with parallel.gathered(self.raw_model):  # FSDP: every rank gathers the weights so rank 0 can run alone
+            if not self.world.is_main:
+                return
+            gen = torch.Generator(device=self.device).manual_seed(t.seed + step)  # the training RNG stays untouched
+            prompt = self.tokenizer.encode(t.sample_prompt) or [self.tokenizer.eot]
+            ids = sample(self.raw_model, prompt, t.sample_tokens, temperature=0.8, top_k=200, generator=gen,
+                         eot=self.tokenizer.eot)[0]
+        text = t.sample_prompt + self.tokenizer.decode(ids)
+        self.say(f"sample at step {step}:\n{text}\n", flush=True)
+        self.log.sample(step, text)
 
+    # -- checkpoints, records and the way out ---------------------------------------------------------
 
-def _resume_point(cfg: Config, ckpts: checkpoint.Checkpointer) -> tuple[checkpoint.Checkpoint | None, str | None, str]:
-    """(verified checkpoint to resume, URL of a checkpoint to take weights from, what to print)."""
-    mode = cfg.checkpoint.resume
-    valid = ckpts.valid_steps()
-    if mode == "none":
-        if valid and not cfg.checkpoint.overwrite:
-            raise CheckpointError(f"run_dir '{cfg.run_dir}' already has checkpoints (newest step {valid[-1]}) and "
-                                  "checkpoint.resume=none: pick another run_dir, resume=auto, or overwrite=true")
-        if valid:
-            for name in ("checkpoints", "metrics.jsonl", "events.jsonl"):
-                ckpts.store.remove(name)
-        return None, None, "starting fresh" + (" (old checkpoints removed: overwrite=true)" if valid else "")
-    if mode == "best":
-        url = ckpts.best_url()
-        if url is None:
-            raise CheckpointError(f"checkpoint.resume=best but '{cfg.run_dir}' has no checkpoint with a val loss")
-        found = checkpoint.load(url)
-        _drop_newer(ckpts, found.step)
-        return found, None, f"resuming from the best checkpoint {url} (step {found.step})"
-    found = ckpts.load_newest()
-    if found:
-        _drop_newer(ckpts, found.step)
-        return found, None, f"resuming from {found.url} (step {found.step})"
-    if mode == "auto":
-        return None, None, "no checkpoint found: starting fresh"
-    return None, mode, f"no checkpoint of its own: starting from the weights of {mode}"
+    def _open_log(self) -> None:
+        if not self.world.is_main:
+            return
+        self.store.write_text("config.yaml", dump(self.cfg))
+        self.log = RunLog(self.store, resume_step=self.state.step, config=self.cfg)
+        self.log.event("resume" if self.state.step else "start", step=self.state.step,
+                       world_size=self.world.world_size, attempt=self.attempt,
+                       slurm_job=os.environ.get("SLURM_JOB_ID"), restart=int(os.environ.get("SLURM_RESTART_COUNT", 0)))
+        self.say("config:\n" + dump(self.cfg).rstrip())
 
+    def _save(self, val: float | None, final: bool) -> None:
+        blocked = self.ckpt.save(val, final=final)
+        if self.log:
+            self.log.flush()
+            self.say(f"checkpoint: step {self.state.step} snapshot taken, training blocked {blocked * 1000:.0f} ms")
 
-def _drop_newer(ckpts: checkpoint.Checkpointer, step: int) -> None:
-    """Folders newer than the resume point did not verify; they would confuse retention and the next resume."""
-    for s, _ in checkpoint.list_steps(ckpts.store):
-        if s > step:
-            print(f"checkpoint: removing {checkpoint.step_name(s)}: newer than the resume point and not loadable")
-            ckpts.store.remove(f"checkpoints/{checkpoint.step_name(s)}/{checkpoint.MANIFEST}")
-            ckpts.store.remove(f"checkpoints/{checkpoint.step_name(s)}")
+    def _stop(self, reason: str) -> int:
+        if self.log:
+            landed = self.ckpt.wait()
+            self.log.event("preempted", step=self.state.step, cause=reason, checkpoint_landed=landed)
+            self.log.close()
+        return protocol.EXIT_REQUEUE
+
+    def _finish(self, val: float | None) -> int:
+        if not self.log:
+            return protocol.EXIT_OK
+        landed = self.ckpt.wait()
+        step = self.state.step
+        self.log.event("finish", step=step, tokens=self.state.tokens, val_loss=val)
+        self.log.close()
+        where = f"{self.cfg.run_dir}/checkpoints/{step_name(step)}" if landed else f"FAILED ({self.ckpt.writer.last_error})"
+        self.say(f"done: step {step}, val loss {val:.4f}, checkpoint {where}")
+        return protocol.EXIT_OK if landed else 1

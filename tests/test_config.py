@@ -28,7 +28,13 @@ def test_overrides_dotted_unique_leaf_and_alias():
     ("compile=maybe", "config key 'train.compile' expects bool"),
     ("precision=fp8", "config key 'train.precision' must be one of auto, fp32, bf16, fp16"),
     ("train.seq_len=4096", "config key 'train.seq_len' (4096) is above model.block_size (1024)"),
-    ("micro_batch=7", "config key 'train.batch_tokens' (491520) must be a multiple of"),
+    ("batch_tokens=1000", "config key 'train.batch_tokens' (1000) must be a multiple of seq_len x ranks"),
+    ("optim.lr=inf", "config key 'optim.lr' must be a finite number, got inf"),
+    ("schedule.min_lr=nan", "config key 'schedule.min_lr' must be a finite number"),
+    ("optim.lr=0", "config key 'optim.lr' must be positive"),
+    ("checkpoint.resume=runs/other", "use checkpoint.init_from=runs/other"),
+    ("preemption.signals=TERM,NOPE", "'NOPE' is not a signal of this system"),
+    ("deterministic=maybe", "config key 'train.deterministic' expects bool"),
     ("n_head=7", "must be divisible by model.n_head"),
     ("lr", "must look like key=value"),
 ])
@@ -44,6 +50,36 @@ def test_batch_must_divide_over_ranks():
     validate(cfg, world_size=1)
     with pytest.raises(ConfigError, match="x 3 ="):
         validate(cfg, world_size=3)
+
+
+def test_micro_batch_is_a_bound_that_divides_the_batch():
+    from gpt_train.config import micro_batch_for
+    cfg = load_config("default")  # 16 sequences of 128 tokens, micro_batch 16
+    assert micro_batch_for(cfg, 1) == 16
+    assert micro_batch_for(cfg, 2) == 8  # 8 sequences per rank: one micro-batch of 8, not an error
+    cfg = load_config("gpt2", ["micro_batch=7"])  # 480 sequences: 7 does not divide them, 6 does
+    assert micro_batch_for(cfg, 1) == 6
+    assert micro_batch_for(load_config("gpt2", ["micro_batch=1"]), 8) == 1
+
+
+def test_typed_tristate_and_list_values(tmp_path):
+    assert load_config("default").train.deterministic is None  # auto
+    assert load_config("default", ["deterministic=true"]).train.deterministic is True
+    assert load_config("default", ["deterministic=auto"]).train.deterministic is None
+    assert load_config("default", ["preemption.signals=TERM,usr1"]).preemption.signals == ["TERM", "usr1"]
+    (tmp_path / "c.yaml").write_text("extends: default\npreemption:\n  signals: [USR2]\ntrain:\n  deterministic: false\n")
+    cfg = load_config(str(tmp_path / "c.yaml"))
+    assert cfg.preemption.signals == ["USR2"] and cfg.train.deterministic is False
+    assert from_dict(to_dict(cfg)) == cfg
+
+
+def test_vocab_comes_from_the_data_before_validation():
+    from gpt_train.config import resolve_vocab
+    cfg = load_config("default")
+    gpt2 = {"name": "gpt2", "n_vocab": 50257}
+    assert resolve_vocab(cfg, gpt2, "d").model.vocab_size == 50257 and cfg.model.vocab_size == 0  # a copy
+    with pytest.raises(ConfigError, match="'model.vocab_size' is 300 but the data in 'd' was tokenized with gpt2"):
+        resolve_vocab(load_config("default", ["vocab_size=300"]), gpt2, "d")
 
 
 def test_extends_chain_and_cycles(tmp_path):

@@ -19,9 +19,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from gpt_train import distributed
+from gpt_train import distributed, parallel
 from gpt_train.config import Config, DistributedConfig, validate
-from gpt_train.distributed import World, detect_world, expand_nodelist
+from gpt_train.distributed import World, detect_world
+from gpt_train.protocol import expand_nodelist
 from gpt_train.errors import ConfigError
 from helpers import REPO, cli, losses, read_metrics, tiny_data, train_args  # noqa: F401
 
@@ -193,14 +194,14 @@ def test_optimizer_state_is_saved_by_parameter_name_and_old_checkpoints_still_lo
     _, loss = model(torch.randint(0, 64, (2, 8)), torch.randint(0, 64, (2, 8)))
     loss.backward()
     opt.step()
-    weights = distributed.model_state(model)
+    weights = parallel.model_state(model)
     assert "lm_head.weight" not in weights and "transformer.wte.weight" in weights  # the tied matrix once
-    state = distributed.optimizer_state(model, opt)
+    state = parallel.optimizer_state(model, opt)
     assert "transformer.h.0.mlp.c_fc.weight" in state["state"]
     assert all(isinstance(n, str) for g in state["param_groups"] for n in g["params"])
     for saved in (state, opt.state_dict()):  # by name, and the integer ids of checkpoints before names
         fresh, fresh_opt = build()
-        distributed.load_optimizer_state(fresh, fresh_opt, saved)
+        parallel.load_optimizer_state(fresh, fresh_opt, saved)
         for (name, p), (_, q) in zip(model.named_parameters(), fresh.named_parameters()):
             for key in ("exp_avg", "exp_avg_sq", "step"):
                 assert torch.equal(opt.state[p][key], fresh_opt.state[q][key]), (name, key)
@@ -274,14 +275,14 @@ def test_fsdp_refuses_what_would_hang_or_diverge_before_sharding_anything():
     cfg.distributed.strategy = "fsdp"
     cfg.train.precision = "fp16"
     with pytest.raises(ConfigError, match="does not support train.precision=fp16"):
-        distributed.wrap(model, two, torch.device("cpu"), cfg)
-    assert not distributed.is_sharded(model)
-    assert distributed.wrap(model, World(), torch.device("cpu"), cfg) is model  # one process: nothing to wrap
+        parallel.wrap(model, two, torch.device("cpu"), cfg)
+    assert not parallel.is_sharded(model)
+    assert parallel.wrap(model, World(), torch.device("cpu"), cfg) is model  # one process: nothing to wrap
 
 
 GATHERED = textwrap.dedent("""
     import torch, torch.distributed as dist
-    from gpt_train import distributed
+    from gpt_train import distributed, parallel
     from gpt_train.config import Config
     from gpt_train.model import GPT
     cfg = Config()
@@ -291,10 +292,10 @@ GATHERED = textwrap.dedent("""
     dist.init_process_group("gloo")
     torch.manual_seed(0)
     model = GPT(cfg.model)
-    distributed.wrap(model, world, torch.device("cpu"), cfg)
-    assert distributed.is_sharded(model)
+    parallel.wrap(model, world, torch.device("cpu"), cfg)
+    assert parallel.is_sharded(model)
     x = torch.randint(0, 64, (2, 8))
-    with distributed.gathered(model):
+    with parallel.gathered(model):
         if world.rank == 0:  # the other rank does not take part: no collective may run in here
             with torch.no_grad():
                 for _ in range(3):

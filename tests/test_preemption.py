@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from gpt_train.preemption import REQUEUE_EXIT, Preemption, slurm_end_time
+from gpt_train.preemption import Preemption, slurm_end_time
+from gpt_train.protocol import EXIT_REQUEUE as REQUEUE_EXIT
 from helpers import REPO, cli, losses, tiny_data, train_args  # noqa: F401
 
 
@@ -56,7 +57,7 @@ def test_deadline_acts_like_an_early_signal(tmp_path, tiny_data):
 
 
 def test_handler_only_records(monkeypatch):
-    p = Preemption("TERM,usr1", deadline=None, margin_s=0)
+    p = Preemption(["TERM", "usr1"], deadline=None, margin_s=0)
     try:
         assert p.reason() is None
         os.kill(os.getpid(), signal.SIGUSR1)

@@ -1,0 +1,65 @@
+"""Collectives of plain values (floats, flags, small objects) that the trainer's ranks use to agree.
+
+Each is a no-op for one process, so the training loop calls them unconditionally.
+"""
+
+from __future__ import annotations
+
+import io
+
+import torch
+import torch.distributed as dist
+
+
+def all_reduce_mean(value: float, device: torch.device) -> float:
+    if not dist.is_initialized():
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.item() / dist.get_world_size()
+
+
+def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
+    if not dist.is_initialized():
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every rank when it is true on any: the ranks must agree before they act together."""
+    return all_reduce_sum([float(flag)], device)[0] > 0 if dist.is_initialized() else flag
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _pack(obj) -> bytes:
+    # torch.save, not plain pickle: torch 2.13's *_object collectives fail to unpickle CPU tensors (such as
+    # RNG states) with "UntypedStorage has no attribute 'dtype'"; bytes travel fine.
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def _unpack(data: bytes):
+    return torch.load(io.BytesIO(data), weights_only=True)
+
+
+def all_gather_object(obj):
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, _pack(obj))
+    return [_unpack(b) for b in out]
+
+
+def broadcast_object(obj):
+    if not dist.is_initialized():
+        return obj
+    box = [_pack(obj)]
+    dist.broadcast_object_list(box, src=0)
+    return _unpack(box[0])

@@ -1,0 +1,182 @@
+"""The job protocol: what a training process and whatever launched it (the sbatch script, submitit's batch
+script, torchrun, docker) agree on. It imports no torch, so that a login node, a batch shell's helper or the
+launcher can use it in a fraction of a second.
+
+Each rule is written here once: the exit codes, the rendezvous address and port of a SLURM job, the
+communication variables that the NCCL/Gloo settings become, and the batch shell's part (its rendezvous lines
+and when it requeues the job) as one bash text, `shell_text()`. submitit's job script gets that text from
+launch/slurm.py; slurm/pretrain.sbatch, which users sbatch without Python, carries a copy between marker lines
+that `python -m gpt_train.protocol sync` rewrites (a test fails when the copy differs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from pathlib import Path
+
+# -- exit codes --------------------------------------------------------------------------------------------
+EXIT_OK = 0
+EXIT_USER_ERROR = 2  # bad config, missing data, a checkpoint of another model: retrying cannot help
+EXIT_REQUEUE = 75  # EX_TEMPFAIL: the ranks checkpointed and stopped; requeue (or rerun) to continue
+EXIT_USR2 = 128 + 12  # killed by SIGUSR2 (12 on Linux, where SLURM runs; not signal.SIGUSR2 of this machine)
+
+DEADLINE_VAR = "GPT_TRAIN_DEADLINE"  # the job's end time (epoch seconds), from the batch shell to the trainer
+
+
+# -- rendezvous of a SLURM job ---------------------------------------------------------------------------
+PORT_BASE, PORT_SPAN = 20000, 20000
+
+
+def master_port(job_id: int | str) -> int:
+    """A port derived from the job id, so that two jobs sharing a node do not collide."""
+    return PORT_BASE + int(job_id) % PORT_SPAN
+
+
+def expand_nodelist(nodelist: str) -> list[str]:
+    """SLURM's compressed host list ("gpu[01-03,07],login1") as host names, without calling scontrol:
+    inside a container `scontrol` is usually missing."""
+    hosts = []
+    for prefix, ranges, plain in re.findall(r"([^,\[]+)\[([^\]]+)\]|([^,\[\]]+)", nodelist):
+        if plain:
+            hosts.append(plain)
+            continue
+        for part in ranges.split(","):
+            lo, _, hi = part.partition("-")
+            for n in range(int(lo), int(hi or lo) + 1):
+                hosts.append(f"{prefix}{n:0{len(lo)}d}")
+    return hosts
+
+
+def master_address(nodelist: str) -> str:
+    """The first node of the allocation hosts the rendezvous."""
+    hosts = expand_nodelist(nodelist)
+    return hosts[0] if hosts else "localhost"
+
+
+# -- the communication environment ---------------------------------------------------------------------------
+
+def comm_env(socket_ifname: str = "", ib: str = "auto", nccl_debug: str = "", async_error_handling: str = "auto",
+             ) -> dict[str, str]:
+    """The variables that the NCCL/Gloo settings become, name -> value; an unset setting ("", auto) gives none.
+    ib is auto | on | off."""
+    out = {}
+    if socket_ifname:
+        out["NCCL_SOCKET_IFNAME"] = socket_ifname
+        if not socket_ifname.startswith(("^", "=")):  # gloo takes a plain interface name only
+            out["GLOO_SOCKET_IFNAME"] = socket_ifname
+    if ib != "auto":
+        out["NCCL_IB_DISABLE"] = "0" if ib == "on" else "1"
+    if nccl_debug:
+        out["NCCL_DEBUG"] = nccl_debug
+    if async_error_handling != "auto":
+        out["TORCH_NCCL_ASYNC_ERROR_HANDLING"] = async_error_handling
+    return out
+
+
+# -- the batch shell (bash) ----------------------------------------------------------------------------------
+
+_SHELL = r"""# gpt_train_rendezvous: MASTER_ADDR, the allocation's first node (master_address() in Python);
+# MASTER_PORT from the job id, so that two jobs sharing a node differ; OMP_NUM_THREADS, the task's CPUs unless set;
+# @DEADLINE@, the job's end time (the trainer stops preemption.deadline_margin_s before it), asked here
+# since a container has no squeue. Then the line that starts each run's output.
+gpt_train_rendezvous() {
+  MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" 2>/dev/null | head -n 1)
+  export MASTER_ADDR=${MASTER_ADDR:-$SLURMD_NODENAME}
+  export MASTER_PORT=$((@PORT_BASE@ + SLURM_JOB_ID % @PORT_SPAN@))
+  export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}
+  unset @DEADLINE@
+  gpt_train_end=$(squeue -h -j "$SLURM_JOB_ID" -o %e 2>/dev/null)
+  case $gpt_train_end in
+    [0-9][0-9][0-9][0-9]-*) @DEADLINE@=$(date -d "$gpt_train_end" +%s) && export @DEADLINE@ ;;
+  esac
+  echo "gpt-train: job $SLURM_JOB_ID start $((${SLURM_RESTART_COUNT:-0} + 1)) at $(date '+%F %T')" \
+    "on $SLURM_JOB_NODELIST, $SLURM_NTASKS task(s), master $MASTER_ADDR:$MASTER_PORT, ends ${gpt_train_end:-?}"
+}
+
+# gpt_train_requeue_why RC TERMED USR2ED JOBINFO: why the job must run again now that srun ended with RC, or
+# nothing. TERMED, USR2ED: 1 when this shell got SIGTERM, USR2; JOBINFO: `scontrol show job` of the job.
+# A SIGTERM here means that SLURM ends the job (scancel; scontrol requeue requeues it by itself), unless the
+# time limit came. SLURM does not requeue a job whose ranks end during a preemption's grace time: this shell
+# does, also when they died before they could checkpoint, or when the time limit's USR2 killed them
+# (exit @EXIT_USR2@: submitit sends it to the ranks; slurm/pretrain.sbatch gets it itself and passes it on).
+gpt_train_requeue_why() {
+  local rc=$1 termed=$2 usr2ed=$3 job=$4
+  if [ "$rc" = @EXIT_OK@ ]; then
+    return 0
+  elif [ "$termed" = 1 ]; then
+    case "$rc $job" in "@EXIT_REQUEUE@ "*Reason=TimeLimit*) echo "the time limit came" ;; esac
+  elif [ "$rc" = @EXIT_REQUEUE@ ]; then
+    echo "the ranks checkpointed and exited @EXIT_REQUEUE@"
+  else
+    case $job in *PreemptTime=[0-9]*) echo "preempted (exit $rc)"; return 0 ;; esac
+    if [ "$usr2ed" = 1 ] || [ "$rc" = @EXIT_USR2@ ]; then
+      echo "USR2 (time limit near) came before the ranks listened (exit $rc)"
+    fi
+  fi
+}
+
+# gpt_train_requeue WHY RESTARTS CAP: when WHY is set and the job was restarted fewer than CAP times, requeue it
+# and end this shell with success; otherwise say why not and return. From the batch shell, never from inside
+# the step: a container usually has no scontrol.
+gpt_train_requeue() {
+  local why=$1 restarts=$2 cap=$3
+  [ -n "$why" ] || return 0
+  if [ "$restarts" -lt "$cap" ]; then
+    echo "gpt-train: $why: requeueing job $SLURM_JOB_ID (restart $((restarts + 1)) of at most $cap)"
+    scontrol requeue "$SLURM_JOB_ID" && exit 0
+    echo "gpt-train: scontrol requeue $SLURM_JOB_ID failed"
+  else
+    echo "gpt-train: $why, but the job was restarted $restarts times (the cap, --max-restarts or" \
+      "MAX_RESTARTS, is $cap): not requeueing"
+  fi
+}
+"""
+
+
+def shell_text() -> str:
+    """The bash functions of the batch shell, filled in with the constants above; defining them runs nothing."""
+    values = {"EXIT_OK": EXIT_OK, "EXIT_REQUEUE": EXIT_REQUEUE, "EXIT_USR2": EXIT_USR2, "PORT_BASE": PORT_BASE,
+              "PORT_SPAN": PORT_SPAN, "DEADLINE": DEADLINE_VAR}
+    return re.sub(r"@([A-Z_0-9]+)@", lambda m: str(values[m.group(1)]), _SHELL)
+
+
+# -- the copy in slurm/pretrain.sbatch -------------------------------------------------------------------------
+
+BEGIN = "# >>> generated by gpt_train/protocol.py (python -m gpt_train.protocol sync): do not edit"
+END = "# <<< end"
+SBATCH = Path(__file__).resolve().parent.parent / "slurm" / "pretrain.sbatch"  # in a checkout of the repository
+
+
+def synced(script: str) -> str:
+    """SCRIPT with the text between its marker lines replaced by shell_text()."""
+    head, begin, rest = script.partition(BEGIN + "\n")
+    _, end, tail = rest.partition(END + "\n")
+    if not (begin and end):
+        raise ValueError(f"no block between '{BEGIN}' and '{END}' lines")
+    return head + begin + shell_text() + end + tail
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m gpt_train.protocol", description="Job protocol tools.")
+    sub = p.add_subparsers(dest="command", required=True)
+    sync = sub.add_parser("sync", help="rewrite the generated block of sbatch scripts from this module")
+    sync.add_argument("files", nargs="*", type=Path, default=[SBATCH], metavar="FILE",
+                      help=f"default: {SBATCH}")
+    args = p.parse_args(argv)
+    for path in args.files:
+        old = path.read_text()
+        try:
+            new = synced(old)
+        except ValueError as e:
+            print(f"{path}: {e}", file=sys.stderr)
+            return EXIT_USER_ERROR
+        if new != old:
+            path.write_text(new)
+        print(f"{path}: {'updated' if new != old else 'up to date'}")
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())
