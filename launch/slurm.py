@@ -3,18 +3,18 @@
 Who does what when the job must stop (measured on SLURM 22.05, see docs/launching.md):
 
 * The trainer (gpt_train/preemption.py) turns SIGTERM, SIGUSR1, SIGUSR2 and the job's end time into a
-  checkpoint at a step boundary, agreed by every rank, and returns 75 ("requeue me"). `Trainer` below exits
-  the task with 75.
+  checkpoint at a step boundary, agreed by every rank, and returns 75 ("requeue me", protocol.EXIT_REQUEUE).
+  `Trainer` below exits the task with it.
 * The requeue is issued by the *batch shell*, after srun returns (the teardown lines below), never from inside
   the step: inside a container there is usually no `scontrol`, and a job that ends by itself during a
-  preemption's grace time is not requeued by SLURM (it ends FAILED or COMPLETED). The batch shell requeues when
-  the ranks exited 75, when the job was preempted (`PreemptTime` set) and the ranks died before they could
-  checkpoint, or when the time limit's SIGTERM found them and they exited 75; never after `scancel`. At most
-  --max-restarts times, counted by SLURM_RESTART_COUNT.
+  preemption's grace time is not requeued by SLURM (it ends FAILED or COMPLETED). The rule of when (at most
+  --max-restarts times, counted by SLURM_RESTART_COUNT) is gpt_train/protocol.py's shell text, which
+  slurm/pretrain.sbatch carries as well.
 * SLURM sends USR2 to the ranks `signal_delay_s` before the time limit (`--signal=USR2@N`); submitit's own
   USR2 handler (checkpoint() then `scontrol requeue` from rank 0) only acts before the trainer has installed
-  its handlers, i.e. while a restart is still loading. `Trainer.checkpoint` resubmits the same callable: the
-  state is in the run directory. submitit's `max_num_timeout` is set to --max-restarts as well.
+  its handlers, i.e. while a restart is still loading. `Trainer` inherits `Checkpointable.checkpoint`, which
+  resubmits the same callable: the state is in the run directory. submitit's `max_num_timeout` is set to
+  --max-restarts as well.
 * A requeue after the run finished runs `train()` again, which sees step >= max_steps and returns 0 at once.
 """
 
@@ -31,9 +31,9 @@ from pathlib import Path
 import submitit
 from submitit.helpers import Checkpointable
 
+from gpt_train import protocol
 from launch.spec import JobSpec, job_python
 
-REQUEUE_EXIT = 75  # gpt_train.preemption.REQUEUE_EXIT (not imported: this module must not import torch)
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE",
             "REVOKED", "SPECIAL_EXIT"}
 
@@ -171,61 +171,26 @@ def python_command(spec: JobSpec, res: Resources) -> str:
 # -- the job script around srun --------------------------------------------------------------------------------
 
 def setup_lines(spec: JobSpec, res: Resources) -> list[str]:
-    """Batch-shell lines before srun: rendezvous address, threads, the job's end time, NCCL settings."""
+    """Batch-shell lines before srun: the protocol's functions, the rendezvous, the NCCL settings."""
     lines = [
         "# gpt-train (launch/slurm.py): the batch shell notes a SIGTERM (scancel, scontrol requeue, time limit)",
         "gpt_train_term=0",
         "trap 'gpt_train_term=1' TERM",
-        "# rendezvous: the first node of the allocation; a port from the job id, so two jobs on a node differ",
-        'MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" 2>/dev/null | head -n 1)',
-        'export MASTER_ADDR=${MASTER_ADDR:-$SLURMD_NODENAME}',
-        "export MASTER_PORT=$((20000 + SLURM_JOB_ID % 20000))",
-        "export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}",
-        "# the job's end time: the trainer stops preemption.deadline_margin_s before it (containers lack squeue)",
-        "unset GPT_TRAIN_DEADLINE",
-        'gpt_train_end=$(squeue -h -j "$SLURM_JOB_ID" -o %e 2>/dev/null)',
-        'case $gpt_train_end in [0-9][0-9][0-9][0-9]-*) GPT_TRAIN_DEADLINE=$(date -d "$gpt_train_end" +%s) && '
-        "export GPT_TRAIN_DEADLINE;; esac",
+        *protocol.shell_text().splitlines(),
+        "gpt_train_rendezvous",
     ]
-    lines += [f"export {k}={shlex.quote(v)}" for k, v in spec.env.items()]
-    lines.append('echo "gpt-train: job $SLURM_JOB_ID start $((${SLURM_RESTART_COUNT:-0} + 1)) on $SLURM_JOB_NODELIST, '
-                 '$SLURM_NTASKS task(s), master $MASTER_ADDR:$MASTER_PORT, ends ${gpt_train_end:-?}"')
-    return lines
+    return lines + [f"export {k}={shlex.quote(v)}" for k, v in spec.env.items()]
 
 
 def teardown_lines(res: Resources) -> list[str]:
     """Batch-shell lines after srun: requeue the job when the ranks asked for it (or were preempted)."""
-    cap = int(res.max_restarts)
     return [
         "gpt_train_rc=$?",
-        "# gpt-train (launch/slurm.py): requeue from the batch shell, never from inside the step or a container",
-        'gpt_train_why=""',
-        'if [ "$gpt_train_rc" != 0 ]; then',
-        '  gpt_train_job=$(scontrol show job "$SLURM_JOB_ID" 2>/dev/null)',
-        '  if [ "$gpt_train_term" = 1 ]; then',
-        '    case "$gpt_train_rc $gpt_train_job" in',
-        '      "75 "*Reason=TimeLimit*) gpt_train_why="the time limit came";;',
-        "    esac",
-        '  elif [ "$gpt_train_rc" = 75 ]; then',
-        '    gpt_train_why="the ranks checkpointed and exited 75"',
-        "  else",
-        '    case $gpt_train_job in *PreemptTime=[0-9]*) gpt_train_why="preempted (exit $gpt_train_rc)";; esac',
-        '    if [ -z "$gpt_train_why" ] && [ "$gpt_train_rc" = 140 ]; then',
-        '      gpt_train_why="USR2 (time limit near) came before the ranks listened"',
-        "    fi",
-        "  fi",
-        "fi",
-        'if [ -n "$gpt_train_why" ]; then',
-        f'  if [ "${{SLURM_RESTART_COUNT:-0}}" -lt {cap} ]; then',
-        f'    echo "gpt-train: $gpt_train_why: requeueing job $SLURM_JOB_ID'
-        f' (restart $((${{SLURM_RESTART_COUNT:-0}} + 1)) of at most {cap})"',
-        '    scontrol requeue "$SLURM_JOB_ID" && exit 0',
-        '    echo "gpt-train: scontrol requeue $SLURM_JOB_ID failed"',
-        "  else",
-        f'    echo "gpt-train: $gpt_train_why, but the job was restarted ${{SLURM_RESTART_COUNT:-0}} times '
-        f'(--max-restarts {cap}): not requeueing"',
-        "  fi",
-        "fi",
+        'gpt_train_job=$(scontrol show job "$SLURM_JOB_ID" 2>/dev/null)',
+        "# USR2 goes to the ranks (--signal=USR2@N), not to this shell: one that came too early shows as exit "
+        f"{protocol.EXIT_USR2}",
+        'gpt_train_requeue "$(gpt_train_requeue_why "$gpt_train_rc" "$gpt_train_term" 0 "$gpt_train_job")" '
+        f'"${{SLURM_RESTART_COUNT:-0}}" {int(res.max_restarts)}',
         'exit "$gpt_train_rc"',
     ]
 
@@ -249,7 +214,7 @@ class Trainer(Checkpointable):
             "WORLD_SIZE": str(job.num_tasks),
             "LOCAL_WORLD_SIZE": str(max(1, job.num_tasks // max(1, job.num_nodes))),
             "MASTER_ADDR": os.environ.get("MASTER_ADDR") or job.hostnames[0],
-            "MASTER_PORT": os.environ.get("MASTER_PORT") or str(20000 + int(job.raw_job_id) % 20000),
+            "MASTER_PORT": os.environ.get("MASTER_PORT") or str(protocol.master_port(job.raw_job_id)),
         }
 
     def __call__(self) -> dict:
@@ -266,19 +231,13 @@ class Trainer(Checkpointable):
             print(f"gpt-train train: error: {e}", file=sys.stderr, flush=True)
             raise
         sys.stdout.flush()
-        if rc == REQUEUE_EXIT:
+        if rc == protocol.EXIT_REQUEUE:
             if world["RANK"] == "0":
-                print(f"gpt-train: the ranks stopped to be requeued (exit {REQUEUE_EXIT}); the batch shell requeues",
-                      flush=True)
-            raise SystemExit(REQUEUE_EXIT)  # no result pickle: the job is not over
+                print(f"gpt-train: the ranks stopped to be requeued (exit {rc}); the batch shell requeues", flush=True)
+            raise SystemExit(rc)  # no result pickle: the job is not over
         if rc:
             raise SystemExit(rc)
         return {"rank": int(world["RANK"]), "restarts": int(os.environ.get("SLURM_RESTART_COUNT", 0))}
-
-    def checkpoint(self, *args, **kwargs):
-        """submitit's USR2 hook (only reached while the trainer is not yet listening): resubmit as is; the
-        training state is in the run directory."""
-        return super().checkpoint(*args, **kwargs)
 
 
 # -- submit, print, follow ---------------------------------------------------------------------------------------

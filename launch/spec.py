@@ -18,6 +18,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from gpt_train import protocol
 from gpt_train.config import load_config, parse_overrides, resolve_config_path, resolve_key, validate
 from gpt_train.errors import ConfigError
 
@@ -41,16 +42,7 @@ def passthrough_names(environ: dict[str, str] | None = None) -> list[str]:
 
 def nccl_env(ib: bool | None, socket_ifname: str, nccl_debug: str) -> dict[str, str]:
     """The communication variables for --ib/--no-ib, --socket-ifname, --nccl-debug."""
-    env = {}
-    if ib is not None:
-        env["NCCL_IB_DISABLE"] = "0" if ib else "1"
-    if socket_ifname:
-        env["NCCL_SOCKET_IFNAME"] = socket_ifname
-        if not socket_ifname.startswith(("^", "=")):  # gloo takes a plain interface name only
-            env["GLOO_SOCKET_IFNAME"] = socket_ifname
-    if nccl_debug:
-        env["NCCL_DEBUG"] = nccl_debug
-    return env
+    return protocol.comm_env(socket_ifname, {True: "on", False: "off", None: "auto"}[ib], nccl_debug)
 
 
 def is_local(url: str) -> bool:

@@ -17,6 +17,7 @@ import sys
 if __package__ in (None, ""):  # `python launch/submit.py`: make `launch` and `gpt_train` importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from gpt_train import protocol  # noqa: E402
 from gpt_train.errors import UserError  # noqa: E402
 from launch import local, spec as specs  # noqa: E402
 from launch.spec import credential_names, quote  # noqa: E402
@@ -99,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         return run_local(args, spec, backend)
     except (UserError, ValueError) as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
-        return 2
+        return protocol.EXIT_USER_ERROR
 
 
 def _header(args, spec: specs.JobSpec, backend: str, detail: str) -> list[str]:
@@ -176,8 +177,8 @@ def run_local(args, spec: specs.JobSpec, backend: str) -> int:
     if args.dry_run:
         return 0
     rc = local.run(commands[node.node_rank], spec.env)
-    if rc == 75:
-        print(f"{PROG}: the run checkpointed and stopped (exit 75); the same command resumes it", flush=True)
+    if rc == protocol.EXIT_REQUEUE:
+        print(f"{PROG}: the run checkpointed and stopped (exit {rc}); the same command resumes it", flush=True)
     return rc
 
 

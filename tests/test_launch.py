@@ -14,15 +14,18 @@ import time
 
 import pytest
 
+from gpt_train import protocol
 from helpers import REPO, TINY, read_metrics, tiny_data  # noqa: F401
 from launch import submit
-from launch.slurm import parse_time
+from launch.slurm import Trainer, parse_time
 
 SECRET = "s3cr3t-Value-that-must-not-leak"
 
 
 def dry(capsys, *argv: str) -> str:
-    rc = submit.main([*argv, "--dry-run"])
+    """A dry run; SLURM's unless argv names a backend (a dry run needs no sbatch on this machine)."""
+    backend = [] if "--backend" in argv else ["--backend", "slurm"]
+    rc = submit.main([*backend, *argv, "--dry-run"])
     out, err = capsys.readouterr()
     assert rc == 0, err
     return out
@@ -59,14 +62,15 @@ def test_dry_run_for_two_gpu_nodes_shows_what_the_cluster_needs(capsys, tmp_path
                  "#SBATCH --requeue", "#SBATCH --signal=USR2@180", "#SBATCH --time=2880", "#SBATCH --partition=gpu",
                  "#SBATCH --open-mode=append", "#SBATCH --job-name=gpt2-large", f"#SBATCH --chdir={tmp_path}",
                  "export NCCL_IB_DISABLE=0", "export NCCL_SOCKET_IFNAME=ib0", "export GLOO_SOCKET_IFNAME=ib0",
-                 "export NCCL_DEBUG=INFO", "export MASTER_PORT=$((20000 + SLURM_JOB_ID % 20000))"):
+                 "export NCCL_DEBUG=INFO", "gpt_train_rendezvous"):
         assert line in script.splitlines(), line
-    assert 'MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST"' in script
     srun = [ln for ln in script.splitlines() if ln.startswith("srun ")]
     assert len(srun) == 1 and "--wait=60" in srun[0] and "-m submitit.core._submit" in srun[0]
+    before, after = script.split(srun[0], 1)
+    assert protocol.shell_text() in before  # the rendezvous and requeue functions (tests/test_protocol.py)
     # the requeue is the batch shell's, after srun, capped by SLURM_RESTART_COUNT
-    after = script.split(srun[0], 1)[1]
-    assert 'scontrol requeue "$SLURM_JOB_ID"' in after and '"${SLURM_RESTART_COUNT:-0}" -lt 10' in after
+    assert after.rstrip().splitlines()[-2].startswith('gpt_train_requeue "$(gpt_train_requeue_why ')
+    assert after.rstrip().splitlines()[-2].endswith('"${SLURM_RESTART_COUNT:-0}" 10')
     subprocess.run(["bash", "-n"], input=script, text=True, check=True)  # it is valid shell
     shellcheck = _shellcheck()
     if shellcheck:
@@ -98,7 +102,7 @@ def test_slurm_settings_and_extra_sbatch_arguments(capsys, tmp_path, monkeypatch
                  "#SBATCH --mail-type=END", "#SBATCH --hold", "#SBATCH --signal=USR2@300"):
         assert line in script.splitlines(), line
     assert "--gpus-per-node" not in script  # --gres given: no second GPU request
-    assert '-lt 3 ]' in script and "wckey" not in script
+    assert script.rstrip().splitlines()[-2].endswith('"${SLURM_RESTART_COUNT:-0}" 3') and "wckey" not in script
     assert f"run_dir={tmp_path}/runs/my-run" in out  # the job name replaces the last part of the config's run_dir
 
 
@@ -111,7 +115,7 @@ def test_containers_pyxis_and_apptainer(capsys, tmp_path, monkeypatch):
     assert f"--container-mounts={tmp_path}:{tmp_path}" in srun and f"--container-workdir={tmp_path}" in srun
     assert " python3 -u -m submitit.core._submit " in srun
     # requeue from the batch shell, outside the container
-    assert "scontrol" not in srun and 'scontrol requeue "$SLURM_JOB_ID"' in script.split(srun, 1)[1]
+    assert "scontrol" not in srun and "gpt_train_requeue " in script.split(srun, 1)[1]
 
     out = dry(capsys, "--gpus", "4", "--gpu", "--apptainer", "/images/gpt train.sif", "--container-mounts",
               "/data:/data", "gpt2")
@@ -119,7 +123,7 @@ def test_containers_pyxis_and_apptainer(capsys, tmp_path, monkeypatch):
     assert "apptainer exec --nv --bind /data:/data '/images/gpt train.sif' python3 -u -m submitit.core._submit" in srun
     assert "container-image" not in srun
 
-    rc = submit.main(["--container-image", "a", "--apptainer", "b", "gpt2", "--dry-run"])
+    rc = submit.main(["--backend", "slurm", "--container-image", "a", "--apptainer", "b", "gpt2", "--dry-run"])
     assert rc == 2 and "not both" in capsys.readouterr().err
 
 
@@ -135,7 +139,8 @@ def test_sbatch_script_is_valid_and_documents_its_variables():
         assert re.search(rf"^{var}=\$\{{{var}:-", text, re.M), var
     assert 'CONFIG=${1:-configs/gpt2.yaml}' in text
     assert '--container-image="$CONTAINER_IMAGE"' in text and 'apptainer exec --nv' in text
-    assert '[ "$RESTARTS" -lt "$MAX_RESTARTS" ]' in text and 'scontrol requeue "$SLURM_JOB_ID"' in text
+    assert 'gpt_train_requeue "$(gpt_train_requeue_why "$RC" "$TERMED" "$USR2ED" "$JOB")" "$RESTARTS" ' \
+        '"$MAX_RESTARTS"' in text.splitlines()
     shellcheck = _shellcheck()
     if shellcheck:
         p = subprocess.run([shellcheck, str(path)], capture_output=True, text=True)
@@ -237,6 +242,16 @@ def test_backend_defaults_to_slurm_only_where_sbatch_exists(monkeypatch, tmp_pat
     assert submit.default_backend() == "slurm"
 
 
+def test_a_trainer_resubmits_itself_on_submitit_usr2():
+    """submitit's USR2 handler (while a run still loads) checkpoints through Checkpointable.checkpoint: the same
+    callable again, its state being in the run directory."""
+    from submitit.core.utils import DelayedSubmission
+
+    trainer = Trainer("gpt2", ["optim.lr=1e-4"], {"NCCL_DEBUG": "INFO"})
+    again = DelayedSubmission(trainer)._checkpoint_function()
+    assert isinstance(again, DelayedSubmission) and again.function is trainer and not again.args
+
+
 def test_parse_time():
     assert [parse_time(t) for t in ("90", "1:30", "01:00:00", "2-00", "1-12:30", "0-0:0:59", "24:00:00")] == \
         [90, 2, 60, 2880, 2190, 1, 1440]
@@ -279,63 +294,3 @@ def test_local_backend_two_nodes_in_network_namespaces(tmp_path, tiny_data, netn
     assert "--node-rank=1" in outs[0] and "# node 1 (run on node)" in outs[0]
     assert [r["step"] for r in read_metrics(run) if "loss" in r] == [1, 2, 3, 4]
     assert time.monotonic() - t0 < 240
-
-
-# -- the requeue decision of the batch shell, with stub SLURM commands --------------------------------------------
-
-DECISIONS = [  # (srun's exit, batch shell got SIGTERM, `scontrol show job` says, restarts so far, requeued?)
-    (0, False, "JobState=RUNNING PreemptTime=None", 0, False),
-    (75, False, "JobState=RUNNING PreemptTime=None", 0, True),  # USR2, deadline, or preemption
-    (75, False, "JobState=RUNNING PreemptTime=None", 3, False),  # the cap
-    (75, True, "JobState=CANCELLED Reason=None PreemptTime=None", 0, False),  # scancel
-    (75, True, "JobState=COMPLETING Reason=TimeLimit PreemptTime=None", 0, True),  # time limit's SIGTERM
-    (143, False, "JobState=RUNNING PreemptTime=2026-11-22T01:16:11", 0, True),  # preempted while starting
-    (1, False, "JobState=RUNNING PreemptTime=None", 0, False),  # a crash
-]
-
-
-def _stubs(tmp_path, job_text: str) -> dict[str, str]:
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    log = tmp_path / "calls"
-    stubs = {
-        "scontrol": f'echo "scontrol $*" >> {log}\ncase "$1 $2" in\n  "show hostnames") echo node1; echo node2 ;;\n'
-                    f'  "show job") echo "{job_text}" ;;\nesac\n',
-        "squeue": 'echo 2026-11-22T03:00:00\n',
-        "srun": f'printf "%s\\n" "$@" > {tmp_path / "srun-args"}\nexit "$FAKE_RC"\n',
-    }
-    for name, body in stubs.items():
-        (bin_dir / name).write_text("#!/bin/bash\n" + body)
-        (bin_dir / name).chmod(0o755)
-    return {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": "4242", "SLURM_NTASKS": "2",
-            "SLURM_JOB_NODELIST": "node[1-2]"}
-
-
-@pytest.mark.parametrize("rc,termed,job_text,restarts,requeued", DECISIONS)
-def test_sbatch_script_requeue_decision(tmp_path, rc, termed, job_text, restarts, requeued):
-    env = {**_stubs(tmp_path, job_text), "FAKE_RC": str(rc), "SLURM_RESTART_COUNT": str(restarts),
-           "MAX_RESTARTS": "3", "GPT_TRAIN_PYTHON": "python-x"}
-    script = (REPO / "slurm" / "pretrain.sbatch").read_text()
-    if termed:  # the batch shell's SIGTERM arrives while srun runs
-        env["FAKE_RC"] = str(rc)
-        script = script.replace('PID=$!\n', 'PID=$!\nkill -TERM $$\n', 1)
-    p = subprocess.run(["bash", "-c", script, "pretrain.sbatch", "gpt2", "optim.lr=1e-4", "x=a b"], env=env,
-                       capture_output=True, text=True, timeout=60)
-    calls = (tmp_path / "calls").read_text()
-    srun_args = (tmp_path / "srun-args").read_text().splitlines()
-    assert srun_args == ["--wait=60", "python-x", "-u", "-m", "gpt_train", "train", "gpt2", "optim.lr=1e-4", "x=a b"]
-    assert ("scontrol requeue 4242" in calls) == requeued, p.stdout
-    assert p.returncode == (0 if requeued else rc), p.stdout + p.stderr
-    assert "master node1:24242" in p.stdout  # 20000 + 4242 % 20000
-
-
-@pytest.mark.parametrize("rc,termed,job_text,restarts,requeued", DECISIONS)
-def test_submitit_teardown_requeue_decision(tmp_path, rc, termed, job_text, restarts, requeued):
-    from launch.slurm import Resources, teardown_lines
-
-    env = {**_stubs(tmp_path, job_text), "SLURM_RESTART_COUNT": str(restarts)}
-    body = "\n".join([f"gpt_train_term={int(termed)}", f"(exit {rc})", *teardown_lines(Resources(max_restarts=3))])
-    p = subprocess.run(["bash", "-c", body], env=env, capture_output=True, text=True, timeout=60)
-    calls = (tmp_path / "calls").read_text() if (tmp_path / "calls").exists() else ""
-    assert ("scontrol requeue 4242" in calls) == requeued, p.stdout
-    assert p.returncode == (0 if requeued else rc), p.stdout + p.stderr

@@ -1,0 +1,157 @@
+"""gpt_train/protocol.py: torch-free, and the batch shell's requeue decision, one table run in real bash through
+both job scripts that carry it (slurm/pretrain.sbatch and the one submitit writes), with stub SLURM commands."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from typing import NamedTuple
+
+import pytest
+
+from gpt_train import protocol
+from helpers import REPO
+from launch.slurm import Resources, script_text
+from launch.spec import JobSpec
+
+SBATCH = REPO / "slurm" / "pretrain.sbatch"
+CAP = 3
+RUNNING = "JobState=RUNNING Reason=None PreemptTime=None"
+PREEMPTED = "JobState=RUNNING Reason=None PreemptTime=2026-11-22T01:16:11"
+TIME_LIMIT = "JobState=COMPLETING Reason=TimeLimit PreemptTime=None"
+
+
+def test_protocol_imports_no_torch():
+    code = "import gpt_train.protocol, sys; assert 'torch' not in sys.modules, sorted(sys.modules)"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO, timeout=60)
+
+
+def functions(script: str) -> dict[str, str]:
+    """The gpt_train_* shell functions a script defines, name -> definition."""
+    return {m[1]: m[0] for m in re.finditer(r"^(gpt_train_\w+)\(\) \{\n.*?^\}$", script, re.M | re.S)}
+
+
+def submitit_script(tmp_path) -> str:
+    spec = JobSpec(config="default", config_path=str(REPO / "configs" / "default.yaml"), overrides=[],
+                   run_dir=str(tmp_path / "run"), job_name="gt", ranks_per_node=2)
+    return script_text(spec, Resources(gpus=False, max_restarts=CAP, log_dir=str(tmp_path / "logs")))
+
+
+def test_both_job_scripts_carry_the_generated_text(tmp_path):
+    text = SBATCH.read_text()
+    assert protocol.synced(text) == text, "slurm/pretrain.sbatch is stale: run `python -m gpt_train.protocol sync`"
+    generated = functions(protocol.shell_text())
+    assert set(generated) == {"gpt_train_rendezvous", "gpt_train_requeue_why", "gpt_train_requeue"}
+    assert functions(text) == generated == functions(submitit_script(tmp_path))
+
+
+def test_sync_rewrites_a_stale_block(tmp_path):
+    stale = tmp_path / "job.sbatch"
+    fresh = SBATCH.read_text()
+    stale.write_text(fresh.replace("exited 75", "exited 76"))
+    cmd = [sys.executable, "-m", "gpt_train.protocol", "sync", str(stale)]
+    p = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert p.returncode == 0 and "updated" in p.stdout and stale.read_text() == fresh, p.stdout + p.stderr
+    p = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert "up to date" in p.stdout
+
+
+# -- the requeue decision ------------------------------------------------------------------------------------
+
+class Row(NamedTuple):
+    name: str
+    rc: int  # srun's exit
+    signal: str | None  # what the batch shell got while srun ran
+    job: str  # what `scontrol show job` says
+    restarts: int  # SLURM_RESTART_COUNT
+    why: str | None  # the reason it gives for a requeue (None: it gives none)
+    requeued: bool
+    scripts: tuple[str, ...] = ("sbatch", "submitit")
+
+
+USR2_LATE = "USR2 (time limit near) came before the ranks listened"
+ROWS = [
+    Row("success", 0, None, RUNNING, 0, None, False),
+    # the trainer stopped at a USR2, its deadline, or a preemption's SIGTERM to the ranks only
+    Row("checkpointed", 75, None, RUNNING, 0, "the ranks checkpointed and exited 75", True),
+    Row("checkpointed-at-the-cap", 75, None, RUNNING, CAP, "the ranks checkpointed and exited 75", False),
+    Row("scancel", 75, "TERM", "JobState=CANCELLED Reason=None PreemptTime=None", 0, None, False),
+    Row("time-limit-checkpointed", 75, "TERM", TIME_LIMIT, 0, "the time limit came", True),
+    Row("time-limit-killed", 143, "TERM", TIME_LIMIT, 0, None, False),
+    Row("preempted-while-starting-143", 143, None, PREEMPTED, 0, "preempted (exit 143)", True),
+    Row("preempted-while-starting-137", 137, None, PREEMPTED, 0, "preempted (exit 137)", True),
+    # sbatch: --signal=B:USR2 reaches the batch shell, which passes it on; submitit has no such flag (below)
+    Row("usr2-to-the-batch-shell", 1, "USR2", RUNNING, 0, f"{USR2_LATE} (exit 1)", True, ("sbatch",)),
+    # submitit: --signal=USR2 reaches the ranks, which die of it before the trainer listens: 128 + SIGUSR2
+    Row("usr2-killed-the-ranks", 140, None, RUNNING, 0, f"{USR2_LATE} (exit 140)", True),
+    Row("crash", 1, None, RUNNING, 0, None, False),
+]
+
+
+def stubs(tmp_path, row: Row) -> dict[str, str]:
+    """scontrol, squeue and srun on PATH; srun exits row.rc (at once, or once this shell passed it a USR2)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    log = tmp_path / "calls"
+    bodies = {
+        "scontrol": f'echo "scontrol $*" >> {log}\ncase "$1 $2" in\n  "show hostnames") echo node1; echo node2 ;;\n'
+                    f'  "show job") echo "{row.job}" ;;\nesac\n',
+        "squeue": "echo 2026-11-22T03:00:00\n",
+        "srun": f'printf "%s\\n" "$@" > {tmp_path / "srun-args"}\n'
+                f'if [ "{row.signal}" = USR2 ]; then\n'
+                f'  trap \'exit {row.rc}\' USR2\n  touch {tmp_path / "srun-ready"}\n  while :; do sleep 0.05; done\n'
+                f'fi\nexit {row.rc}\n',
+    }
+    for name, body in bodies.items():
+        (bin_dir / name).write_text("#!/bin/bash\n" + body)
+        (bin_dir / name).chmod(0o755)
+    return {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": "4242", "SLURM_NTASKS": "2",
+            "SLURM_JOB_NODELIST": "node[1-2]", "SLURM_RESTART_COUNT": str(row.restarts)}
+
+
+def run_sbatch(tmp_path, row: Row, env: dict[str, str]) -> subprocess.CompletedProcess:
+    script = SBATCH.read_text()
+    if row.signal == "TERM":
+        script = script.replace("PID=$!\n", "PID=$!\nkill -TERM $$\n", 1)
+    elif row.signal == "USR2":
+        script = script.replace("PID=$!\n", f"PID=$!\nuntil [ -e {tmp_path / 'srun-ready'} ]; do sleep 0.05; done\n"
+                                "kill -USR2 $$\n", 1)
+    env = {**env, "MAX_RESTARTS": str(CAP), "GPT_TRAIN_PYTHON": "python-x"}
+    p = subprocess.run(["bash", "-c", script, "pretrain.sbatch", "gpt2", "optim.lr=1e-4", "x=a b"], env=env,
+                       capture_output=True, text=True, timeout=60)
+    srun_args = (tmp_path / "srun-args").read_text().splitlines()
+    assert srun_args == ["--wait=60", "python-x", "-u", "-m", "gpt_train", "train", "gpt2", "optim.lr=1e-4", "x=a b"]
+    if row.signal == "USR2":
+        assert "USR2 (time limit near): passing it to the ranks" in p.stdout
+    return p
+
+
+def run_submitit(tmp_path, row: Row, env: dict[str, str]) -> subprocess.CompletedProcess:
+    script = submitit_script(tmp_path)
+    assert f"#SBATCH --signal=USR2@{Resources().signal_delay_s}" in script.splitlines()  # to the ranks
+    if row.signal == "TERM":
+        script = script.replace("export SUBMITIT_EXECUTOR=slurm\n", "export SUBMITIT_EXECUTOR=slurm\nkill -TERM $$\n")
+    p = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True, timeout=60)
+    assert "-m\nsubmitit.core._submit\n" in (tmp_path / "srun-args").read_text()
+    return p
+
+
+@pytest.mark.parametrize("script,row", [pytest.param(s, r, id=f"{s}-{r.name}") for r in ROWS for s in r.scripts])
+def test_requeue_decision(tmp_path, script, row):
+    env = stubs(tmp_path, row)
+    p = (run_sbatch if script == "sbatch" else run_submitit)(tmp_path, row, env)
+    out = p.stdout + p.stderr
+    calls = (tmp_path / "calls").read_text()
+    start = rf"^gpt-train: job 4242 start {row.restarts + 1} at .* master node1:24242, ends 2026-11-22T03:00:00$"
+    assert re.search(start, p.stdout, re.M), out  # the rendezvous: 20000 + 4242 % 20000
+    assert ("scontrol requeue 4242" in calls) == row.requeued, out
+    assert p.returncode == (0 if row.requeued else row.rc), out
+    if row.why is None:
+        assert "requeueing" not in p.stdout, out
+    elif row.requeued:
+        assert f"gpt-train: {row.why}: requeueing job 4242 (restart 1 of at most {CAP})" in p.stdout, out
+    else:
+        assert f"gpt-train: {row.why}, but the job was restarted {CAP} times" in p.stdout, out
+        assert "not requeueing" in p.stdout, out
