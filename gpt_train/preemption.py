@@ -16,12 +16,14 @@ import signal
 import subprocess
 import time
 
+from gpt_train import protocol
+
 
 def slurm_end_time(env: dict[str, str] | None = None) -> float | None:
     """Unix time at which SLURM kills this job, if it has a time limit."""
     env = dict(os.environ if env is None else env)
-    if env.get("GPT_TRAIN_DEADLINE"):  # set by our sbatch script or launcher, which can ask squeue
-        return float(env["GPT_TRAIN_DEADLINE"])
+    if env.get(protocol.DEADLINE_VAR):  # set by the batch shell, which can ask squeue (a container cannot)
+        return float(env[protocol.DEADLINE_VAR])
     if env.get("SLURM_JOB_END_TIME"):  # SLURM >= 23.02
         return float(env["SLURM_JOB_END_TIME"])
     job = env.get("SLURM_JOB_ID")

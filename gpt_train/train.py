@@ -198,7 +198,8 @@ class Trainer:
             + (f", MFU against {peak / 1e12:.3g} TFLOP/s" if peak else ""))
         say(f"model: {self.raw_model.num_params() / 1e6:.2f}M parameters, {cfg.model.n_layer} layers, "
             f"{cfg.model.n_embd} wide, vocab {cfg.model.vocab_size} ({m['tokenizer']['name']})")
-        bound = f" (train.micro_batch={t.micro_batch} does not divide it)" if self.micro_batch != t.micro_batch else ""
+        bound = (f" (the most up to train.micro_batch={t.micro_batch} that divides a rank's share)"
+                 if self.micro_batch != t.micro_batch else "")
         say(f"data: {self.train_split.tokens:,} train / {self.val_split.tokens:,} val tokens in '{cfg.data.dir}'; "
             f"batch {t.batch_tokens:,} tokens = {self.micro_batch} seq{bound} x {cfg.seq_len} x {world.world_size} "
             f"rank(s) x {accum} accumulation step(s)")

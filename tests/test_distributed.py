@@ -171,13 +171,23 @@ def test_a_batch_that_cannot_split_over_the_new_world_is_a_clear_error(tmp_path,
     cfg = Config()
     cfg.train.batch_tokens, cfg.train.micro_batch, cfg.model.block_size = 512, 4, 32  # 16 sequences
     validate(cfg, 4)
-    with pytest.raises(ConfigError, match=r"train.batch_tokens' \(512\) must be a multiple of .* x 3 = 384"):
+    with pytest.raises(ConfigError, match=r"train.batch_tokens' \(512\) must be a multiple of .* x 3 = 96"):
         validate(cfg, 3)
-    # as a user meets it: an 8-rank world for a batch of 8 sequences of 4, before any rendezvous
-    env = {"RANK": "0", "WORLD_SIZE": "8", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "8"}
+    # as a user meets it: a 16-rank world for a batch of 8 sequences, before any rendezvous
+    env = {"RANK": "0", "WORLD_SIZE": "16", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "16"}
     result = cli(*train_args(tiny_data, str(tmp_path / "run"), "max_steps=2"), env=env, timeout=60)
     assert result.returncode != 0 and "Traceback" not in result.stderr
-    assert "train.batch_tokens' (256) must be a multiple of" in result.stderr and "x 8 = 1024" in result.stderr
+    assert "train.batch_tokens' (256) must be a multiple of" in result.stderr and "x 16 = 512" in result.stderr
+
+
+def test_the_default_preset_runs_on_two_ranks_with_a_smaller_micro_batch(tmp_path, tiny_data):
+    # 2,048 tokens are 16 sequences of 128: 8 per rank, so micro-batches of 8 instead of the preset's 16
+    result = torchrun("train", "default", f"data.dir={tiny_data}", f"run_dir={tmp_path / 'run'}", "max_steps=2",
+                      "eval_batches=2", "sample_tokens=0", timeout=240)
+    out = ok(result)
+    assert ("batch 2,048 tokens = 8 seq (the most up to train.micro_batch=16 that divides a rank's share) x 128 x 2 "
+            "rank(s) x 1 accumulation step(s)") in out
+    assert "step      2/2" in out
 
 
 def test_optimizer_state_is_saved_by_parameter_name_and_old_checkpoints_still_load():
@@ -388,6 +398,59 @@ def test_srun_job_on_two_nodes_with_a_localhost_master_is_an_error(tmp_path, tin
     assert result.returncode != 0 and len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert "a 2-node job cannot use master address 'localhost'" in result.stderr
     assert "distributed.master_addr" in result.stderr
+
+
+# -- a failure on one rank ends the job at once ----------------------------------------------------
+
+FAULT = {"GPT_TRAIN_FAULT": "raise@step=5,rank=1"}
+
+
+def run_until_fault_ends(cmds: list[list[str]], logs: Path, env: dict, timeout: int = 150) -> tuple[list[int], str, float]:
+    """Start every command at once, output to files; (exit codes, all output, seconds from the injected
+    fault to the last exit)."""
+    logs.mkdir()
+    files = [open(logs / f"{i}.log", "w") for i in range(len(cmds))]
+    procs = [subprocess.Popen(c, stdout=f, stderr=subprocess.STDOUT, text=True, cwd=REPO, start_new_session=True,
+                              env={**os.environ, **ENV, **env, **extra}) for (c, extra), f in zip(cmds, files)]
+    fault_at, deadline = None, time.monotonic() + timeout
+    try:
+        while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
+            if fault_at is None and any("fault: injecting" in (logs / f"{i}.log").read_text() for i in range(len(cmds))):
+                fault_at = time.monotonic()
+            time.sleep(0.2)
+        ended = time.monotonic()
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+        for f in files:
+            f.close()
+    text = "".join((logs / f"{i}.log").read_text() for i in range(len(cmds)))
+    assert fault_at is not None, text[-3000:]
+    return [p.returncode for p in procs], text, ended - fault_at
+
+
+def test_an_exception_on_rank_one_ends_a_torchrun_job_at_once_with_its_traceback(tmp_path, tiny_data):
+    cmd = [*TORCHRUN, "--nproc-per-node=2", "--standalone", "-m", "gpt_train",
+           *train_args(tiny_data, str(tmp_path / "run"), "max_steps=40")]
+    codes, out, seconds = run_until_fault_ends([(cmd, {})], tmp_path / "logs", FAULT)
+    assert codes[0] != 0 and seconds < 60, out[-3000:]
+    assert "gpt_train.faults.InjectedFault: injected fault at step 5 on rank 1" in out  # rank 1's own traceback
+    assert "rank 1/2 failed" in out
+
+
+def test_an_exception_on_rank_one_ends_plain_processes_at_once(tmp_path, tiny_data):
+    # As srun starts them: no agent that would kill the survivor, only the rendezvous environment.
+    port = str(free_port())
+    cmds = [([sys.executable, "-m", "gpt_train", *train_args(tiny_data, str(tmp_path / "run"), "max_steps=40")],
+             {"RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2",
+              "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}) for r in (0, 1)]
+    codes, out, seconds = run_until_fault_ends(cmds, tmp_path / "logs", FAULT)
+    assert all(c not in (0, None) for c in codes) and seconds < 60, (codes, out[-3000:])
+    assert "gpt_train.faults.InjectedFault: injected fault at step 5 on rank 1" in out
+    assert "Traceback" in (tmp_path / "logs" / "1.log").read_text()
+    assert "rank 0/2 failed" in out  # the survivor's collective failed when rank 1's connections closed
 
 
 # -- gpt-train env ------------------------------------------------------------------------------------
