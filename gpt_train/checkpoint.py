@@ -259,6 +259,16 @@ class Checkpointer:
                 self.store.remove(folder)
         except (StorageError, OSError, ValueError) as e:
             self.log(f"checkpoint: pruning old checkpoints failed ({e}); they stay until the next save")
+def find(source: str, parts: tuple[str, ...] = ("model",)) -> Checkpoint:
+    """A checkpoint folder, or the newest valid checkpoint of a run directory."""
+    if Store(source).exists(MANIFEST):
+        return load(source, parts)
+    found = Checkpointer(source, keep_last=1, keep_best=False).load_newest(parts)
+    if found is None:
+        raise CheckpointError(f"no valid checkpoint in '{source}' (expected a run directory or a checkpoint folder)")
+    return found
+
+
 # -- the checkpoints of a training run ------------------------------------------------------------
 
 # Parts with a file of their own; every other part's state_dict() is merged into meta.json.
@@ -366,8 +376,12 @@ class CheckpointManager:
 
     # -- saving --------------------------------------------------------------------------------
 
+    def start_clock(self) -> None:
+        """Wall-clock saves count from the first step, not from the start-up before it."""
+        self._last_save = time.monotonic()
+
     def time_due(self) -> bool:
-        """checkpoint.every_minutes of wall time have passed since the last save (or the start)."""
+        """checkpoint.every_minutes of wall time have passed since the last save (or the first step)."""
         minutes = self.cfg.every_minutes
         return bool(minutes) and time.monotonic() - self._last_save >= 60 * minutes
 

@@ -1,5 +1,8 @@
 """`gpt-train COMMAND ...` (also `python -m gpt_train`, so `torchrun -m gpt_train train ...` works).
 
+Only the module of the command being run is imported: `gpt-train status` on a login node does not
+pay for torch, and `gpt-train --help` lists every command from the table below without loading one.
+
 A UserError anywhere below is printed as one line and exits non-zero: a typo in a config key
 should read like a sentence, not a traceback.
 """
@@ -25,15 +28,18 @@ COMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="gpt-train", description="GPT pretraining from one CPU to a GPU cluster")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    modules = {}
-    for name, (module, help_text) in COMMANDS.items():
-        modules[name] = importlib.import_module(module)
-        modules[name].add_arguments(sub.add_parser(name, help=help_text, description=help_text))
+    module = None
+    for name, (module_name, help_text) in COMMANDS.items():
+        command = sub.add_parser(name, help=help_text, description=help_text)
+        if argv and argv[0] == name:  # the top-level parser has no options but --help: the command comes first
+            module = importlib.import_module(module_name)
+            module.add_arguments(command)
     args = parser.parse_args(argv)
     try:
-        return modules[args.command].run(args)
+        return module.run(args)
     except UserError as e:
         print(f"gpt-train {args.command}: error: {e}", file=sys.stderr, flush=True)
         return e.exit_code

@@ -24,6 +24,10 @@ import math
 import sys
 import time
 
+import torch
+import torch.nn.functional as F
+
+from gpt_train import collectives, data, precision
 from gpt_train.errors import DataError, UserError
 
 TASKS = ("hellaswag", "val")
@@ -57,28 +61,24 @@ def progress(iterable, total: int, desc: str):
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
-    from gpt_train import precision
-    from gpt_train.checkpoint import load_for_inference
-    from gpt_train.distributed import World, pick_device
+    from gpt_train import inference  # not at the top: train.py imports this module for val_loss alone
 
     if args.task == "hellaswag" and not args.data:
         raise UserError("--task hellaswag needs --data FILE: a HellaSwag JSONL file such as hellaswag_val.jsonl")
-    device = pick_device(args.device, World())
     t0 = time.perf_counter()
-    model, tokenizer, cfg = load_for_inference(args.source, str(device))
+    loaded = inference.load(args.source, args.device)
+    model, tokenizer, cfg, device = loaded.model, loaded.tokenizer, loaded.config, loaded.device
     prec = precision.choose(args.precision or cfg.train.precision, device)
     if precision.check(prec, device):
         prec = precision.choose("auto", device)
-    with torch.no_grad(), precision.autocast(prec, device):
-        if args.task == "hellaswag":
-            items = read_hellaswag(args.data, args.limit)
+    if args.task == "hellaswag":
+        items = read_hellaswag(args.data, args.limit)
+        with torch.no_grad(), precision.autocast(prec, device):
             result = hellaswag(model, tokenizer, items, device)
-            result["data"] = args.data
-        else:
-            result = split_loss(model, tokenizer, args.data or cfg.data.dir, args.split, cfg.seq_len,
-                                args.micro_batch or cfg.train.micro_batch, args.batches, device)
+        result["data"] = args.data
+    else:
+        result = split_loss(model, tokenizer, args.data or cfg.data.dir, args.split, cfg.seq_len,
+                            args.micro_batch or cfg.train.micro_batch, args.batches, device, prec)
     result.update(task=args.task, source=args.source, precision=prec, seconds=round(time.perf_counter() - t0, 2))
     if args.json:
         print(json.dumps(result, indent=2))
@@ -134,9 +134,6 @@ def ending_losses(model, ctx_ids: list[int], endings_ids: list[list[int]], devic
 
     Context and ending together may be longer than the model's block: the context's start is cut.
     """
-    import torch
-    import torch.nn.functional as F
-
     block = model.cfg.block_size
     ctx_ids = ctx_ids or [0]
     rows = []
@@ -177,10 +174,34 @@ def hellaswag(model, tokenizer, items: list[dict], device) -> dict:
 
 # -- loss on a prepared split -----------------------------------------------------------------------------
 
-def split_loss(model, tokenizer, data_dir: str, split_name: str, seq_len: int, micro_batch: int, batches: int,
-               device) -> dict:
-    from gpt_train import data
+def val_loss(model, split: data.Split, batches: int, micro_batch: int, rank: int, world_size: int,
+             device: torch.device, prec: str, desc: str | None = None) -> float:
+    """Mean loss over `data.eval_batches` of the split: the same windows at every call, whatever the number of
+    ranks, each rank its share and the sums all-reduced, so every rank returns the same value.
 
+    Every rank must call it. The model's train/eval mode is restored afterwards. `desc` labels a
+    progress bar (on a terminal only); training passes none.
+    """
+    windows = data.eval_batches(split, batches, micro_batch, rank, world_size)
+    was_training = model.training
+    model.eval()
+    loss_sum = count = 0.0
+    try:
+        with torch.no_grad():
+            for x, y in progress(windows, batches, desc) if desc else windows:
+                with precision.autocast(prec, device):
+                    _, loss = model(x.to(device), y.to(device))
+                loss_sum += loss.item() * len(x)
+                count += len(x)
+    finally:
+        model.train(was_training)
+    loss_sum, count = collectives.all_reduce_sum([loss_sum, count], device)
+    return loss_sum / count
+
+
+def split_loss(model, tokenizer, data_dir: str, split_name: str, seq_len: int, micro_batch: int, batches: int,
+               device: torch.device, prec: str) -> dict:
+    """`gpt-train eval --task val`: the loss over the first `batches` batches of a split (0: all of it)."""
     meta = data.read_meta(data_dir)
     theirs = meta.get("tokenizer", {})
     if theirs.get("sha256") and theirs.get("sha256") != tokenizer.sha256:
@@ -191,11 +212,7 @@ def split_loss(model, tokenizer, data_dir: str, split_name: str, seq_len: int, m
     split = data.Split(data_dir, split_name, seq_len)
     total_batches = math.ceil(split.num_windows / micro_batch)
     batches = min(batches, total_batches) if batches > 0 else total_batches
-    loss_sum, count = 0.0, 0
-    for x, y in progress(data.eval_batches(split, batches, micro_batch, 0, 1), batches, split_name):
-        _, loss = model(x.to(device), y.to(device))
-        loss_sum += loss.item() * len(x)
-        count += len(x)
-    loss = loss_sum / count
+    loss = val_loss(model, split, batches, micro_batch, 0, 1, device, prec, desc=split_name)
+    sequences = min(batches * micro_batch, split.num_windows)
     return {"data": data_dir, "split": split_name, "loss": loss, "perplexity": math.exp(min(loss, 700.0)),
-            "sequences": count, "tokens": count * seq_len}
+            "sequences": sequences, "tokens": sequences * seq_len}

@@ -7,7 +7,7 @@ import json
 
 from safetensors.torch import save_file
 
-from gpt_train.checkpoint import find
+from gpt_train.inference import find
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

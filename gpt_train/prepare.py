@@ -47,7 +47,7 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
@@ -80,6 +80,21 @@ _PROTOCOL_NEEDS = {"hf": "huggingface_hub (and network access)", "s3": "s3fs", "
 def bundled_corpus() -> str:
     """Moby Dick (1.2 MB, public domain), shipped so that the quickstart needs no download."""
     return str(Path(__file__).resolve().parent / "assets" / "moby_dick.txt")
+
+
+def ensure_bundled(data_dir: str, say: Callable[[str], None] = print) -> bool:
+    """Prepare the bundled corpus into `data_dir` if it is the default preset's data folder and holds no
+    prepared data yet; returns whether it did. After `pip install` there is no `make train` to prepare it,
+    so that `gpt-train train default` in an empty folder does it itself."""
+    from gpt_train.config import load_config
+
+    here = Path(data_dir).expanduser()
+    if (here / "meta.json").exists() or here.resolve() != Path(load_config("default").data.dir).resolve():
+        return False
+    say(f"{data_dir} holds no prepared data: preparing the bundled corpus into it "
+        f"(gpt-train prepare {bundled_corpus()} --out {data_dir})")
+    prepare([bundled_corpus()], str(here))
+    return True
 
 
 def token_dtype(n_vocab: int) -> np.dtype:
@@ -407,7 +422,10 @@ def _tokenize(items: Iterable[tuple[list, int]], tok: tokenizers.Tokenizer, writ
 def prepare(inputs: list[str], out: str, *, val_fraction: float = 0.005, train_tokenizer: int | None = None,
             strip_gutenberg: bool = False, shard_tokens: int = DEFAULT_SHARD_TOKENS, workers: int | None = None,
             force: bool = False) -> dict:
-    """Tokenize `inputs` into the local directory `out` (see the module docstring); returns its meta.json."""
+    """Tokenize `inputs` into the local directory `out` (see the module docstring); returns its meta.json.
+
+    `workers` is the number of encoding processes (None or 0: one per core this process may use); 1, or
+    input that fits in one task, encodes on a single thread instead."""
     if not 0 < val_fraction < 1:
         raise DataError(f"--val-fraction must be between 0 and 1 (exclusive), got {val_fraction}")
     if shard_tokens < 1:
@@ -563,7 +581,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shard-tokens", type=int, default=DEFAULT_SHARD_TOKENS, metavar="N",
                         help="tokens per shard file (default: %(default)s)")
     parser.add_argument("--workers", type=int, default=0, metavar="N",
-                        help="encoding threads (default: all cores this process may use)")
+                        help="encoding worker processes (default: one per core this process may use, at most one "
+                             "per MB of input); 1 encodes on a single thread, with no processes to start")
     parser.add_argument("--force", action="store_true", help="redo the work even if the output is up to date")
 
 

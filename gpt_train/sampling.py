@@ -12,7 +12,6 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from gpt_train.distributed import World, pick_device
 from gpt_train.errors import UserError
 from gpt_train.model import GPT
 
@@ -112,25 +111,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """`gpt-train generate`: print each sample after a `----- sample N -----` line."""
-    device = str(pick_device(args.device, World()))  # one process: rank 0's device
-    # Imported here: checkpoint loading pulls in fsspec and the tokenizer, which `--help` does not need.
-    if args.hf:
-        from gpt_train.config import ModelConfig
-        from gpt_train.hf import hf_model_config, load_hf_gpt2
-        from gpt_train.tokenizer import gpt2
+    # Imported here: loading pulls in fsspec and the tokenizer, which `--help` does not need.
+    from gpt_train import inference
 
-        model = GPT(ModelConfig(**hf_model_config(args.hf), init_from=args.hf))
-        load_hf_gpt2(model, args.hf)
-        model.to(device)
-        tokenizer = gpt2()
-    else:
-        from gpt_train.checkpoint import load_for_inference
-
-        model, tokenizer, _ = load_for_inference(args.source, device)
+    loaded = inference.load_hf(args.hf, args.device) if args.hf else inference.load(args.source, args.device)
+    model, tokenizer = loaded.model, loaded.tokenizer
     prompt_ids = tokenizer.encode(args.prompt) or [tokenizer.eot]
     if max(prompt_ids) >= model.vocab_size:
         raise UserError(f"the prompt has token id {max(prompt_ids)}, outside the model's vocabulary of {model.vocab_size}")
-    generator = torch.Generator(device=device).manual_seed(args.seed)
+    generator = torch.Generator(device=loaded.device).manual_seed(args.seed)
     samples = sample(model, prompt_ids, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                      top_p=args.top_p, num_samples=args.num_samples, generator=generator, eot=tokenizer.eot)
     for i, new_ids in enumerate(samples, start=1):

@@ -22,11 +22,12 @@ import json
 import math
 import statistics
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import yaml
 
 from gpt_train.errors import StorageError, UserError
+from gpt_train.runlog import read_identity, read_jsonl
 from gpt_train.storage import Store
 
 
@@ -92,22 +93,6 @@ class RunRecords:
         return out
 
 
-def _jsonl(store: Store, name: str) -> list[dict]:
-    try:
-        text = store.read_text(name)
-    except FileNotFoundError:
-        return []
-    out = []
-    for line in text.splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a line cut short by a kill
-        if isinstance(record, dict):
-            out.append(record)
-    return out
-
-
 def read_run(url: str) -> RunRecords:
     from gpt_train.checkpoint import list_steps, step_name
 
@@ -120,12 +105,6 @@ def read_run(url: str) -> RunRecords:
         raise UserError(f"cannot read run '{url}': {e}") from None
     if not names & {"events.jsonl", "metrics.jsonl", "checkpoints", "run.json"}:
         raise UserError(f"'{url}' is not a run directory (no events.jsonl, metrics.jsonl or checkpoints/)")
-    run_id = None
-    if "run.json" in names:
-        try:
-            run_id = json.loads(store.read_text("run.json")).get("id")
-        except (json.JSONDecodeError, AttributeError, FileNotFoundError):
-            pass
     config = {}
     if "config.yaml" in names:
         try:
@@ -142,8 +121,10 @@ def read_run(url: str) -> RunRecords:
             continue
     if not config and newest:
         config = newest.get("config", {})
-    records = RunRecords(url=store.url, run_id=run_id or (newest or {}).get("run_id"), config=config,
-                         metrics=_jsonl(store, "metrics.jsonl"), events=_jsonl(store, "events.jsonl"),
+    identity = read_identity(store)
+    run_id = identity["id"] if identity else (newest or {}).get("run_id")
+    records = RunRecords(url=store.url, run_id=run_id, config=config,
+                         metrics=read_jsonl(store, "metrics.jsonl"), events=read_jsonl(store, "events.jsonl"),
                          checkpoints=steps, newest_meta=newest)
     records.attempts = attempts(records.events, records.metrics)
     return records

@@ -32,9 +32,6 @@ class Store:
     def path(self, rel: str = "") -> str:
         return f"{self.root}/{rel}" if rel else self.root
 
-    def child(self, rel: str) -> "Store":
-        return Store(f"{self.url}/{rel}")
-
     def _fail(self, action: str, rel: str, e: Exception) -> StorageError:
         if isinstance(e, OSError) and e.errno == errno.ENOSPC:
             return StorageError(f"no space left on device writing '{self.url}/{rel}'")
@@ -90,9 +87,6 @@ class Store:
         except Exception as e:
             raise self._fail("list", rel, e) from None
         return sorted(e.rstrip("/").rsplit("/", 1)[-1] for e in entries)
-
-    def size(self, rel: str) -> int:
-        return self.fs.size(self.path(rel))
 
     def remove(self, rel: str) -> None:
         try:

@@ -222,6 +222,7 @@ class Trainer:
             self.say(f"deadline: {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(preempt.deadline))}; the run "
                      f"checkpoints and exits {cfg.preemption.deadline_margin_s} s before it")
         self.model.train()
+        self.ckpt.start_clock()
         self._clock = time.perf_counter(), self.state.step
         step_s, t_step = 0.0, time.perf_counter()
         while self.state.step < t.max_steps:

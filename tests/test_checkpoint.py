@@ -84,7 +84,7 @@ def test_retention_keeps_last_best_and_final(mem_run):
         save(ck, s, val_loss=4.5)
     Store(mem_run).write_bytes("checkpoints/step-00000000/model.pt", b"leftover of a killed writer")
     save(ck, 7, val_loss=4.5)
-    assert ck.valid_steps() == [2, 3, 6, 7]
+    assert ck.manifested_steps() == [2, 3, 6, 7]
     assert [s for s, _ in checkpoint.list_steps(ck.store)] == [2, 3, 6, 7]
     assert ck.best_url().endswith("step-00000002")
 

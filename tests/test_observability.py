@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from gpt_train.errors import DataError, UserError
-from gpt_train.preemption import REQUEUE_EXIT
+from gpt_train.protocol import EXIT_REQUEUE as REQUEUE_EXIT
 from gpt_train.runlog import RunLog
 from gpt_train.status import Attempt, attempts, format_report, restart_cause, summarize
 from gpt_train.storage import Store
@@ -123,7 +123,7 @@ def test_wandb_offline_files_in_the_run_dir_and_a_resume_continues_the_same_run(
     run_id = json.loads((run / "run.json").read_text())["id"]
     meta = json.loads((run / "checkpoints" / "step-00000014" / "meta.json").read_text())
     assert meta["run_id"] == run_id
-    assert f"(id {run_id})" in first and f"(id {run_id})" in second.stdout
+    assert f"(id {run_id}" in first and f"(id {run_id}" in second.stdout  # the "run:" line of each attempt
     assert "wandb sync" in first and "wandb sync" in second.stdout
     folders = sorted((run / "wandb").glob(f"offline-run-*-{run_id}"))
     assert len(folders) == 2, sorted(p.name for p in (run / "wandb").iterdir())
@@ -235,11 +235,12 @@ def test_hellaswag_batched_scores_equal_one_sequence_at_a_time(finished_run):
     import torch
     import torch.nn.functional as F
 
-    from gpt_train.checkpoint import load_for_inference
+    from gpt_train import inference
     from gpt_train.evaluate import ending_losses, read_hellaswag
 
     run, _ = finished_run
-    model, tokenizer, _ = load_for_inference(str(run), "cpu")
+    loaded = inference.load(str(run), "cpu")
+    model, tokenizer = loaded.model, loaded.tokenizer
     item = read_hellaswag(str(HELLASWAG))[1]
     ctx = tokenizer.encode(item["ctx"])[-8:]  # context and ending within the tiny model's block of 32
     endings = [tokenizer.encode(" " + e) for e in item["endings"]]

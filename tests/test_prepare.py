@@ -307,3 +307,16 @@ def test_training_reads_what_prepare_writes(tmp_path):
     val = data.Split(str(tmp_path), "val", 1024)  # the bundled book's 0.5% tail is one GPT-2-sized window
     assert val.tokens == json.loads((tmp_path / "meta.json").read_text())["splits"]["val"]["tokens"]
     assert T.gpt2().decode(val.window(0)) in Path(P.bundled_corpus()).read_text(encoding="utf-8") + EOT
+
+
+def test_default_data_folder_is_prepared_from_the_bundled_corpus_when_missing(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # an empty folder, as after `pip install`
+    said = []
+    assert not P.ensure_bundled("data/other", say=said.append)  # only the default preset's folder
+    assert not (tmp_path / "data").exists() and said == []
+    assert P.ensure_bundled("data/moby-dick", say=said.append)
+    assert len(said) == 1 and "bundled corpus" in said[0] and "data/moby-dick" in said[0]
+    meta = json.loads((tmp_path / "data" / "moby-dick" / "meta.json").read_text())
+    assert meta["sources"][0]["path"] == P.bundled_corpus() and meta["splits"]["val"]["tokens"] > 0
+    assert not P.ensure_bundled("./data/moby-dick", say=said.append)  # prepared: nothing to do
+    assert len(said) == 1

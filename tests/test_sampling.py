@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import sys
-import types
 
 import pytest
 import torch
 
+from gpt_train import inference, tokenizer
 from gpt_train.config import Config, ModelConfig
 from gpt_train.model import GPT
 from gpt_train.sampling import _filter_logits, add_arguments, run, sample
@@ -120,15 +119,18 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def _loaded(model) -> inference.Loaded:
+    return inference.Loaded(model, _CharTokenizer(), Config(), torch.device("cpu"))
+
+
 def test_cli_prints_each_sample(model, monkeypatch, capsys):
     loaded = []
 
-    def load_for_inference(source: str, device: str):
+    def load(source: str, device: str):
         loaded.append((source, device))
-        return model, _CharTokenizer(), Config()
+        return _loaded(model)
 
-    monkeypatch.setitem(sys.modules, "gpt_train.checkpoint",
-                        types.SimpleNamespace(load_for_inference=load_for_inference))
+    monkeypatch.setattr(inference, "load", load)
     args = _parse(["runs/x", "--prompt", "hi", "--max-new-tokens", "4", "--num-samples", "2", "--temperature",
                    "0", "--device", "cpu"])
     assert run(args) == 0
@@ -139,8 +141,7 @@ def test_cli_prints_each_sample(model, monkeypatch, capsys):
 
 
 def test_cli_seed_reproduces(model, monkeypatch, capsys):
-    monkeypatch.setitem(sys.modules, "gpt_train.checkpoint",
-                        types.SimpleNamespace(load_for_inference=lambda source, device: (model, _CharTokenizer(), None)))
+    monkeypatch.setattr(inference, "load", lambda source, device: _loaded(model))
     outputs = []
     for seed in ("1", "1", "2"):
         run(_parse(["ckpt", "--max-new-tokens", "12", "--seed", seed, "--device", "cpu"]))
@@ -169,7 +170,7 @@ def test_cli_samples_from_hugging_face_dir(monkeypatch, tmp_path, capsys):
     config = transformers.GPT2Config(n_layer=1, n_head=2, n_embd=32, n_positions=BLOCK, vocab_size=VOCAB,
                                      bos_token_id=VOCAB - 1, eos_token_id=VOCAB - 1)
     transformers.GPT2LMHeadModel(config).save_pretrained(tmp_path)
-    monkeypatch.setitem(sys.modules, "gpt_train.tokenizer", types.SimpleNamespace(gpt2=_CharTokenizer))
+    monkeypatch.setattr(tokenizer, "gpt2", _CharTokenizer)
     assert run(_parse(["--hf", str(tmp_path), "--prompt", "", "--max-new-tokens", "3", "--device", "cpu"])) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == "----- sample 1 -----" and len(lines) == 2

@@ -1,5 +1,6 @@
 """The training entrypoint end to end, as a user runs it: a real process, real files."""
 
+import json
 import os
 import shutil
 import subprocess
@@ -99,3 +100,43 @@ def test_full_disk_is_reported_and_the_last_good_checkpoint_survives(tmp_path, t
         assert Checkpointer(str(run), 3, True).load_newest().step == 2
     finally:
         subprocess.run(["umount", str(mnt)], check=False)
+
+
+def test_init_from_starts_a_new_run_from_another_runs_weights(tmp_path, tiny_data):
+    first = tmp_path / "first"
+    assert cli(*train_args(tiny_data, str(first), "max_steps=6")).returncode == 0
+    second = tmp_path / "second"
+    result = cli(*train_args(tiny_data, str(second), "max_steps=2", f"checkpoint.init_from={first}"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"no checkpoint of its own: starting from the weights of {first}" in result.stdout
+    # Its own run from step 1, on weights that have learned: the first batch's loss is below a fresh start's.
+    assert sorted(losses(second)) == [1, 2] and losses(second)[1] < losses(first)[1] - 0.3
+    meta = json.loads((second / "checkpoints" / "step-00000002" / "meta.json").read_text())
+    assert meta["step"] == 2 and meta["run_id"] != json.loads((first / "run.json").read_text())["id"]
+
+    again = cli(*train_args(tiny_data, str(second), "max_steps=3", f"checkpoint.init_from={first}"))
+    assert again.returncode == 0 and f"checkpoint.init_from={first} ignored: the run has its own" in again.stdout
+    assert sorted(losses(second)) == [1, 2, 3]
+
+
+@pytest.mark.parametrize("extra, fragments", [
+    (["model.n_embd=64"], ["is of another model", "model.n_embd: checkpoint 32, config 64"]),
+    (["checkpoint.init_from=NOWHERE"], ["no valid checkpoint in", "nowhere' (expected a run directory"]),
+])
+def test_init_from_a_bad_source_is_one_clear_line(tmp_path, tiny_data, extra, fragments):
+    first = tmp_path / "first"
+    assert cli(*train_args(tiny_data, str(first), "max_steps=2")).returncode == 0
+    init = [] if any(e.startswith("checkpoint.init_from") for e in extra) else [f"checkpoint.init_from={first}"]
+    extra = [e.replace("NOWHERE", str(tmp_path / "nowhere")) for e in extra]
+    one_line_error(cli(*train_args(tiny_data, str(tmp_path / "new"), "max_steps=2", *init, *extra)), *fragments)
+
+
+def test_wall_clock_checkpoints_come_between_step_intervals(tmp_path, tiny_data):
+    run = tmp_path / "run"
+    # No step interval; a save whenever 0.5 s have passed (a tiny step takes tens of ms; a slowed one 3 s).
+    result = cli(*train_args(tiny_data, str(run), "max_steps=6", "checkpoint.interval=0",
+                             "checkpoint.every_minutes=0.008"), env={"GPT_TRAIN_FAULT": "slow@step=3"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    saved = sorted(int(p.name[5:]) for p in (run / "checkpoints").glob("step-*"))
+    assert saved[-1] == 6 and {3, 4, 5} <= set(saved), saved  # every slowed step outlasted the interval
+    assert 1 not in saved  # the first step came well within it
