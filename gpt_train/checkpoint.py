@@ -24,22 +24,23 @@ from typing import Any, Callable
 
 import torch
 
+from gpt_train import rundir
 from gpt_train.errors import CheckpointError, StorageError
+from gpt_train.rundir import (
+    CHECKPOINTS,
+    LATEST,
+    MANIFEST,
+    META,
+    list_steps,
+    manifested_steps,
+    read_meta,
+    step_folder,
+    step_name,
+)
 from gpt_train.storage import Store
 
-MANIFEST = "MANIFEST.json"
 FORMAT = "gpt-train-checkpoint/1"
 SHAPE_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "bias")
-
-
-def step_name(step: int) -> str:
-    return f"step-{step:08d}"
-
-
-def _step_of(name: str) -> int | None:
-    if name.startswith("step-") and name[5:].isdigit():
-        return int(name[5:])
-    return None
 
 
 def _to_host(obj: Any, reuse: Any = None) -> Any:
@@ -92,16 +93,6 @@ class Checkpoint:
         return int(self.meta["step"])
 
 
-def list_steps(store: Store) -> list[tuple[int, bool]]:
-    """(step, has manifest) for each step folder under RUN/checkpoints, oldest first."""
-    out = []
-    for name in store.listdir("checkpoints"):
-        step = _step_of(name)
-        if step is not None:
-            out.append((step, store.exists(f"checkpoints/{name}/{MANIFEST}")))
-    return sorted(out)
-
-
 def load(url: str, parts: tuple[str, ...] = ("model", "optimizer", "rng")) -> Checkpoint:
     """Read a checkpoint folder, verifying every file against the manifest before unpickling-free loading."""
     store = Store(url)
@@ -113,7 +104,7 @@ def load(url: str, parts: tuple[str, ...] = ("model", "optimizer", "rng")) -> Ch
         raise CheckpointError(f"'{url}/{MANIFEST}' is not valid JSON") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise CheckpointError(f"'{url}' is not a gpt-train checkpoint (manifest format {manifest.get('format') if isinstance(manifest, dict) else None!r})")
-    wanted = {"meta.json"} | {f"{p}.pt" for p in parts}
+    wanted = {META} | {f"{p}.pt" for p in parts}
     blobs = {}
     for name, entry in manifest["files"].items():
         if name not in wanted:
@@ -125,7 +116,7 @@ def load(url: str, parts: tuple[str, ...] = ("model", "optimizer", "rng")) -> Ch
         if len(data) != entry["bytes"] or hashlib.sha256(data).hexdigest() != entry["sha256"]:
             raise CheckpointError(f"'{url}/{name}' does not match its manifest (size or checksum): corrupt")
         blobs[name] = data
-    meta = json.loads(blobs["meta.json"])
+    meta = json.loads(blobs[META])
     get = lambda part: _deserialize(blobs[f"{part}.pt"], f"'{url}/{part}.pt'") if f"{part}.pt" in blobs else None
     return Checkpoint(url=url, meta=meta, model=get("model"), optimizer=get("optimizer"), rng=get("rng"))
 
@@ -160,13 +151,12 @@ class Checkpointer:
     # -- finding a checkpoint to resume from -------------------------------------------------
 
     def manifested_steps(self) -> list[int]:
-        """Steps whose folder has a manifest: candidates, verified only when loaded."""
-        return [s for s, complete in list_steps(self.store) if complete]
+        return manifested_steps(self.store)
 
     def load_newest(self, parts=("model", "optimizer", "rng")) -> Checkpoint | None:
         """The newest checkpoint that verifies; corrupt ones are reported and skipped, never loaded."""
         for step in reversed(self.manifested_steps()):
-            url = f"{self.store.url}/checkpoints/{step_name(step)}"
+            url = f"{self.store.url}/{step_folder(step)}"
             try:
                 return load(url, parts)
             except CheckpointError as e:
@@ -176,10 +166,10 @@ class Checkpointer:
     def best_url(self) -> str | None:
         best = None
         for step in self.manifested_steps():
-            meta = json.loads(self.store.read_text(f"checkpoints/{step_name(step)}/meta.json"))
+            meta = read_meta(self.store, step)
             if meta.get("val_loss") is not None and (best is None or meta["val_loss"] < best[0]):
                 best = (meta["val_loss"], step)
-        return f"{self.store.url}/checkpoints/{step_name(best[1])}" if best else None
+        return f"{self.store.url}/{step_folder(best[1])}" if best else None
 
     # -- writing -------------------------------------------------------------------------------
 
@@ -219,13 +209,13 @@ class Checkpointer:
                  + (step_name(self.last_saved) if self.last_saved is not None else "none yet"))
 
     def _write(self, step: int, model: dict, optimizer: dict, rng: list, meta: dict) -> None:
-        folder = f"checkpoints/{step_name(step)}"
+        folder = step_folder(step)
         self.store.remove(f"{folder}/{MANIFEST}")  # an older, different checkpoint of the same step stops existing first
         files = {
             "model.pt": _serialize(model),
             "optimizer.pt": _serialize(optimizer),
             "rng.pt": _serialize(rng),
-            "meta.json": json.dumps(meta, indent=2, sort_keys=True).encode(),
+            META: json.dumps(meta, indent=2, sort_keys=True).encode(),
         }
         for name, data in files.items():
             self.store.write_bytes(f"{folder}/{name}", data)
@@ -236,7 +226,7 @@ class Checkpointer:
             "files": {n: {"bytes": len(d), "sha256": hashlib.sha256(d).hexdigest()} for n, d in files.items()},
         }
         self.store.write_text(f"{folder}/{MANIFEST}", json.dumps(manifest, indent=2))
-        self.store.write_text("checkpoints/LATEST", step_name(step) + "\n")
+        self.store.write_text(LATEST, step_name(step) + "\n")
         self.log(f"checkpoint: saved {self.store.url}/{folder} ({sum(map(len, files.values())) / 1e6:.1f} MB)")
 
     def _prune(self) -> None:
@@ -245,7 +235,7 @@ class Checkpointer:
             steps = list_steps(self.store)
             valid = [s for s, complete in steps if complete]
             keep = set(valid[-self.keep_last:])
-            metas = {s: json.loads(self.store.read_text(f"checkpoints/{step_name(s)}/meta.json")) for s in valid}
+            metas = {s: read_meta(self.store, s) for s in valid}
             keep |= {s for s, m in metas.items() if m.get("final")}
             scored = [(m["val_loss"], s) for s, m in metas.items() if m.get("val_loss") is not None]
             if self.keep_best and scored:
@@ -253,7 +243,7 @@ class Checkpointer:
             for step, complete in steps:
                 if step in keep:
                     continue
-                folder = f"checkpoints/{step_name(step)}"
+                folder = step_folder(step)
                 if complete:
                     self.store.remove(f"{folder}/{MANIFEST}")  # invalid first, so a half-deleted folder is never loaded
                 self.store.remove(folder)
@@ -322,7 +312,7 @@ class CheckpointManager:
                 raise CheckpointError(f"run_dir '{run}' already has checkpoints (newest step {steps[-1]}) and "
                                       "checkpoint.resume=none: pick another run_dir, resume=auto, or overwrite=true")
             if steps:
-                for name in ("checkpoints", "metrics.jsonl", "events.jsonl"):
+                for name in (CHECKPOINTS, rundir.METRICS, rundir.EVENTS):
                     self.writer.store.remove(name)
             fresh = "starting fresh" + (" (old checkpoints removed: overwrite=true)" if steps else "")
             return None, init_from or None, fresh + (f" from the weights of {init_from}" if init_from else "")
@@ -348,8 +338,8 @@ class CheckpointManager:
         for s, _ in list_steps(store):
             if s > step:
                 self.log(f"checkpoint: removing {step_name(s)}: newer than the resume point and not loadable")
-                store.remove(f"checkpoints/{step_name(s)}/{MANIFEST}")
-                store.remove(f"checkpoints/{step_name(s)}")
+                store.remove(f"{step_folder(s)}/{MANIFEST}")
+                store.remove(step_folder(s))
 
     # -- restoring -----------------------------------------------------------------------------
 

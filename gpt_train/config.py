@@ -351,7 +351,7 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         if not ok:
             raise ConfigError(message)
 
-    for key, f in LEAVES.items():  # an inf or NaN anywhere trains garbage, or checkpoints it
+    for key in LEAVES:  # an inf or NaN anywhere trains garbage, or checkpoints it
         value = get_value(cfg, key)
         if isinstance(value, float):
             need(math.isfinite(value), f"config key '{key}' must be a finite number, got {value}")

@@ -111,8 +111,7 @@ def _devices(world: distributed.World) -> dict:
 
 
 def _storage(cfg: Config) -> tuple[dict, list[str]]:
-    from gpt_train import data
-    from gpt_train.checkpoint import Checkpointer
+    from gpt_train import data, rundir
     from gpt_train.storage import Store
 
     problems = []
@@ -126,7 +125,7 @@ def _storage(cfg: Config) -> tuple[dict, list[str]]:
                 os.rmdir(store.root)
             except OSError:
                 pass
-        steps = Checkpointer(cfg.run_dir, 1, False, log=lambda m: None).manifested_steps() if existed else []
+        steps = rundir.manifested_steps(store) if existed else []
         out["run_dir"].update(writable=True, checkpoints=len(steps), newest_step=steps[-1] if steps else None)
     except Exception as e:  # any storage library's error: reported, not raised
         out["run_dir"].update(writable=False, error=str(e))

@@ -31,9 +31,10 @@ def wrap(model: torch.nn.Module, world: World, device: torch.device, cfg) -> tor
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-    from gpt_train import precision
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
+
+    from gpt_train import precision
 
     if precision.choose(cfg.train.precision, device) == "fp16":
         raise ConfigError("distributed.strategy=fsdp does not support train.precision=fp16 (its loss scaler would "

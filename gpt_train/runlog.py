@@ -23,11 +23,10 @@ import json
 import time
 import uuid
 
+from gpt_train import rundir
 from gpt_train.dashboards import TensorBoardSink, WandbSink, dashboard_values, gpu_memory_gb, open_sinks
 from gpt_train.errors import StorageError
 from gpt_train.storage import Store
-
-RUN_FILE = "run.json"
 
 
 def read_jsonl(store: Store, name: str) -> list[dict]:
@@ -80,7 +79,7 @@ class JsonlFile:
 def read_identity(store: Store) -> dict | None:
     """RUN/run.json as a dict, or None when it is missing or unreadable."""
     try:
-        found = json.loads(store.read_text(RUN_FILE))
+        found = json.loads(store.read_text(rundir.RUN))
     except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError, StorageError):
         return None
     return found if isinstance(found, dict) and isinstance(found.get("id"), str) and found["id"] else None
@@ -102,7 +101,7 @@ def identify(store: Store, checkpoint_meta: dict | None = None) -> str:
             created = existing.get("created") if existing and existing["id"] == wanted else None
             _write_identity(store, wanted, created)
         return wanted
-    if existing and store.exists("events.jsonl"):
+    if existing and store.exists(rundir.EVENTS):
         return existing["id"]
     run_id = uuid.uuid4().hex[:12]
     _write_identity(store, run_id, None)
@@ -111,7 +110,7 @@ def identify(store: Store, checkpoint_meta: dict | None = None) -> str:
 
 def _write_identity(store: Store, run_id: str, created: str | None) -> None:
     record = {"id": run_id, "created": created or time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    store.write_text(RUN_FILE, json.dumps(record, indent=2) + "\n")
+    store.write_text(rundir.RUN, json.dumps(record, indent=2) + "\n")
 
 
 # -- the facade ------------------------------------------------------------------------------------
@@ -123,9 +122,9 @@ class RunLog:
 
     def __init__(self, store: Store, resume_step: int, config=None):
         self.store = store
-        self.metrics = JsonlFile(store, "metrics.jsonl", keep_up_to_step=resume_step)
-        self.events = JsonlFile(store, "events.jsonl")
-        self.samples = JsonlFile(store, "samples.jsonl", keep_up_to_step=resume_step)
+        self.metrics = JsonlFile(store, rundir.METRICS, keep_up_to_step=resume_step)
+        self.events = JsonlFile(store, rundir.EVENTS)
+        self.samples = JsonlFile(store, rundir.SAMPLES, keep_up_to_step=resume_step)
         identity = read_identity(store)
         self.run_id = identity["id"] if identity else identify(store)
         # Steps up to here went to the dashboards in an earlier attempt: not sent twice.

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 
 import yaml
 
+from gpt_train import rundir
 from gpt_train.errors import StorageError, UserError
 from gpt_train.runlog import read_identity, read_jsonl
 from gpt_train.storage import Store
@@ -94,8 +95,6 @@ class RunRecords:
 
 
 def read_run(url: str) -> RunRecords:
-    from gpt_train.checkpoint import list_steps, step_name
-
     store = Store(url)
     try:
         if not store.exists():
@@ -103,19 +102,19 @@ def read_run(url: str) -> RunRecords:
         names = set(store.listdir())
     except StorageError as e:
         raise UserError(f"cannot read run '{url}': {e}") from None
-    if not names & {"events.jsonl", "metrics.jsonl", "checkpoints", "run.json"}:
+    if not names & {rundir.EVENTS, rundir.METRICS, rundir.CHECKPOINTS, rundir.RUN}:
         raise UserError(f"'{url}' is not a run directory (no events.jsonl, metrics.jsonl or checkpoints/)")
     config = {}
-    if "config.yaml" in names:
+    if rundir.CONFIG in names:
         try:
-            config = yaml.safe_load(store.read_text("config.yaml")) or {}
+            config = yaml.safe_load(store.read_text(rundir.CONFIG)) or {}
         except (yaml.YAMLError, FileNotFoundError):
             config = {}
-    steps = [s for s, complete in list_steps(store) if complete] if "checkpoints" in names else []
+    steps = rundir.manifested_steps(store) if rundir.CHECKPOINTS in names else []
     newest = None
     for s in reversed(steps):
         try:
-            newest = json.loads(store.read_text(f"checkpoints/{step_name(s)}/meta.json"))
+            newest = rundir.read_meta(store, s)
             break
         except (FileNotFoundError, json.JSONDecodeError):
             continue
@@ -124,7 +123,7 @@ def read_run(url: str) -> RunRecords:
     identity = read_identity(store)
     run_id = identity["id"] if identity else (newest or {}).get("run_id")
     records = RunRecords(url=store.url, run_id=run_id, config=config,
-                         metrics=read_jsonl(store, "metrics.jsonl"), events=read_jsonl(store, "events.jsonl"),
+                         metrics=read_jsonl(store, rundir.METRICS), events=read_jsonl(store, rundir.EVENTS),
                          checkpoints=steps, newest_meta=newest)
     records.attempts = attempts(records.events, records.metrics)
     return records
@@ -211,7 +210,7 @@ def summarize(info: RunRecords, now: float | None = None) -> dict:
         "progress": (step / max_steps) if max_steps else None,
         "tokens": tokens,
         "checkpoint": None if newest is None else {
-            "step": newest.get("step"), "url": f"{info.url}/checkpoints/step-{int(newest.get('step', 0)):08d}",
+            "step": newest.get("step"), "url": f"{info.url}/{rundir.step_folder(int(newest.get('step', 0)))}",
             "val_loss": newest.get("val_loss"), "tokens": newest.get("tokens"), "final": newest.get("final", False),
             "time": newest.get("time"),
         },

@@ -26,8 +26,8 @@ from dataclasses import dataclass
 import torch
 
 import gpt_train
-from gpt_train import collectives, data, distributed, optim, parallel, precision, protocol
-from gpt_train.checkpoint import Checkpoint, CheckpointManager, step_name
+from gpt_train import collectives, data, distributed, optim, parallel, precision, protocol, rundir
+from gpt_train.checkpoint import Checkpoint, CheckpointManager
 from gpt_train.config import Config, dump, load_config, micro_batch_for, resolve_vocab, to_dict, validate
 from gpt_train.errors import ConfigError, UserError
 from gpt_train.evaluate import val_loss
@@ -89,7 +89,7 @@ def _data_meta(cfg: Config, world: distributed.World) -> dict:
 
 def count_starts(store: Store) -> int:
     """Earlier starts of this run (the attempt number is one more)."""
-    return sum(1 for e in read_jsonl(store, "events.jsonl") if e.get("event") in ("start", "resume"))
+    return sum(1 for e in read_jsonl(store, rundir.EVENTS) if e.get("event") in ("start", "resume"))
 
 
 def git_commit() -> str:
@@ -335,7 +335,7 @@ class Trainer:
     def _open_log(self) -> None:
         if not self.world.is_main:
             return
-        self.store.write_text("config.yaml", dump(self.cfg))
+        self.store.write_text(rundir.CONFIG, dump(self.cfg))
         self.log = RunLog(self.store, resume_step=self.state.step, config=self.cfg)
         self.log.event("resume" if self.state.step else "start", step=self.state.step,
                        world_size=self.world.world_size, attempt=self.attempt,
@@ -362,6 +362,6 @@ class Trainer:
         step = self.state.step
         self.log.event("finish", step=step, tokens=self.state.tokens, val_loss=val)
         self.log.close()
-        where = f"{self.cfg.run_dir}/checkpoints/{step_name(step)}" if landed else f"FAILED ({self.ckpt.writer.last_error})"
+        where = f"{self.cfg.run_dir}/{rundir.step_folder(step)}" if landed else f"FAILED ({self.ckpt.writer.last_error})"
         self.say(f"done: step {step}, val loss {val:.4f}, checkpoint {where}")
         return protocol.EXIT_OK if landed else 1

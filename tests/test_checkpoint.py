@@ -16,9 +16,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from gpt_train import checkpoint
-from gpt_train.checkpoint import Checkpointer, load, step_name
+from gpt_train.checkpoint import Checkpointer, load
 from gpt_train.errors import CheckpointError
+from gpt_train.rundir import list_steps
 from gpt_train.storage import Store
 from helpers import REPO, cli, losses, tiny_data, train_args  # noqa: F401
 
@@ -85,7 +85,7 @@ def test_retention_keeps_last_best_and_final(mem_run):
     Store(mem_run).write_bytes("checkpoints/step-00000000/model.pt", b"leftover of a killed writer")
     save(ck, 7, val_loss=4.5)
     assert ck.manifested_steps() == [2, 3, 6, 7]
-    assert [s for s, _ in checkpoint.list_steps(ck.store)] == [2, 3, 6, 7]
+    assert [s for s, _ in list_steps(ck.store)] == [2, 3, 6, 7]
     assert ck.best_url().endswith("step-00000002")
 
 

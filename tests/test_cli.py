@@ -28,6 +28,18 @@ def test_status_help_does_not_import_torch_or_other_commands():
     assert ({module for module, _ in COMMANDS.values()} - {"gpt_train.status"}) & loaded == set()
 
 
+def test_status_of_a_run_does_not_import_torch(tmp_path):
+    # A login node or a laptop reading a run's records should not pay torch's import (seconds on a cold disk).
+    run = tmp_path / "run"
+    (run / "checkpoints" / "step-00000002").mkdir(parents=True)
+    (run / "checkpoints" / "step-00000002" / "MANIFEST.json").write_text("{}")
+    (run / "checkpoints" / "step-00000002" / "meta.json").write_text('{"step": 2, "tokens": 512}')
+    (run / "events.jsonl").write_text('{"event": "start", "step": 0, "time": 1}\n')
+    (run / "metrics.jsonl").write_text('{"step": 2, "loss": 9.5, "time": 2}\n')
+    loaded = imported_after("status", str(run))
+    assert "torch" not in loaded and "gpt_train.status" in loaded
+
+
 def test_top_level_help_lists_every_command_without_importing_one():
     assert {module for module, _ in COMMANDS.values()} & imported_after("--help") == set()
     result = cli("--help")

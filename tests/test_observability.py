@@ -316,11 +316,13 @@ def restarted_run(run: str, tiny_data: str, first_stop, extra: list[str], env: d
     assert f"exiting with {REQUEUE_EXIT}" in first, first[-3000:]
     resumed_at = int(first.split("preemption: ")[1].split(" at step ")[1].split(":")[0])
 
-    def after_checkpoint(line: str, state={"seen": False}) -> bool:
+    seen = []
+
+    def after_checkpoint(line: str) -> bool:
         # past a checkpoint of this attempt: its resume event and metrics have been flushed on any storage
         if line.startswith("checkpoint: step ") and "snapshot taken" in line and int(line.split()[2]) > resumed_at:
-            state["seen"] = True
-        return state["seen"] and step_line(resumed_at + 1)(line)
+            seen.append(line)
+        return bool(seen) and step_line(resumed_at + 1)(line)
 
     second = run_until(popen_train(args, env), after_checkpoint, signal.SIGKILL)
     third = cli(*args, env=env)

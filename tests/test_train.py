@@ -2,9 +2,7 @@
 
 import json
 import os
-import shutil
 import subprocess
-from pathlib import Path
 
 import pytest
 
@@ -140,3 +138,11 @@ def test_wall_clock_checkpoints_come_between_step_intervals(tmp_path, tiny_data)
     saved = sorted(int(p.name[5:]) for p in (run / "checkpoints").glob("step-*"))
     assert saved[-1] == 6 and {3, 4, 5} <= set(saved), saved  # every slowed step outlasted the interval
     assert 1 not in saved  # the first step came well within it
+
+
+def test_the_embedded_default_prepares_its_corpus_in_an_empty_folder(tmp_path):
+    # After `pip install` there is no `make train`: `gpt-train train default` must work where it is run.
+    result = cli("train", "default", "max_steps=2", "eval_batches=1", "sample_tokens=0", cwd=tmp_path, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "data/moby-dick holds no prepared data: preparing the bundled corpus into it" in result.stdout
+    assert (tmp_path / "data" / "moby-dick" / "meta.json").is_file() and "done: step 2" in result.stdout
