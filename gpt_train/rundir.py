@@ -8,6 +8,8 @@
     RUN/samples.jsonl                    text samples (step, text)
     RUN/checkpoints/step-00001200/       one checkpoint (see checkpoint.py); MANIFEST.json written last
     RUN/checkpoints/LATEST               the newest step folder's name, written after its manifest
+    RUN/rolled-back/step-00001500/       checkpoints set aside by a rollback (resume=best); never pruned
+    RUN/lease.json                       who is writing this run now (host, pid, job, heartbeat)
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ EVENTS = "events.jsonl"
 SAMPLES = "samples.jsonl"
 CHECKPOINTS = "checkpoints"
 LATEST = f"{CHECKPOINTS}/LATEST"
+ROLLED_BACK = "rolled-back"
+LEASE = "lease.json"
 MANIFEST = "MANIFEST.json"
 META = "meta.json"
 
