@@ -32,6 +32,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="gpt-train", description="GPT pretraining from one CPU to a GPU cluster")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     module = None
+    if argv[:1] == ["train"]:  # before torch's import: a job may be signalled during it
+        from gpt_train.preemption import listen_early
+
+        listen_early()
     for name, (module_name, help_text) in COMMANDS.items():
         command = sub.add_parser(name, help=help_text, description=help_text)
         if argv and argv[0] == name:  # the top-level parser has no options but --help: the command comes first

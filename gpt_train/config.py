@@ -86,6 +86,8 @@ class CheckpointConfig:
     overwrite: bool = False  # with resume=none, allow a run_dir that already has checkpoints
     # a gpt-train checkpoint folder or run directory (any fsspec URL) whose weights a new run starts from
     init_from: str = ""
+    # a trainer holds RUN/lease.json and renews it; a lease not renewed for this long is taken over
+    lease_stale_s: float = 120.0
     async_save: bool = True  # serialize and upload on a background thread
 
 
@@ -119,6 +121,9 @@ class PreemptionConfig:
     # each makes the run checkpoint at the next step and exit to be requeued (YAML list or "TERM,USR1")
     signals: list[str] = field(default_factory=lambda: ["TERM", "USR1", "USR2"], metadata={"list": True})
     deadline_margin_s: int = 180  # stop this long before the job's time limit (SLURM), so the checkpoint lands
+    # after a SIGTERM, exit to be requeued without a new checkpoint if no step boundary came within this time
+    # (SLURM kills this long after its SIGTERM: KillWait, 30 s by default); 0 = wait for the step however long
+    grace_s: float = 25.0
 
 
 @dataclass
@@ -360,8 +365,8 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         need(get_value(cfg, key) > 0, f"config key '{key}' must be positive")
     for key in ("model.vocab_size", "train.seq_len", "train.eval_interval", "train.sample_interval",
                 "train.sample_tokens", "schedule.warmup_steps", "schedule.decay_steps", "checkpoint.interval",
-                "checkpoint.every_minutes", "optim.weight_decay", "optim.grad_clip", "optim.eps", "schedule.min_lr",
-                "preemption.deadline_margin_s"):
+                "checkpoint.every_minutes", "checkpoint.lease_stale_s", "optim.weight_decay", "optim.grad_clip", "optim.eps", "schedule.min_lr",
+                "preemption.deadline_margin_s", "preemption.grace_s"):
         need(get_value(cfg, key) >= 0, f"config key '{key}' must not be negative")
     need(m.n_embd % m.n_head == 0, f"config key 'model.n_embd' ({m.n_embd}) must be divisible by model.n_head ({m.n_head})")
     need(0.0 <= m.dropout < 1.0, "config key 'model.dropout' must be in [0, 1)")
@@ -377,6 +382,20 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     for name in cfg.preemption.signals:
         need(hasattr(signal, name.upper() if name.upper().startswith("SIG") else "SIG" + name.upper()),
              f"config key 'preemption.signals': '{name}' is not a signal of this system (e.g. TERM, USR1, USR2)")
+
+
+def warnings(cfg: Config) -> list[str]:
+    """Legal settings that are most likely mistakes, one message each naming the keys: printed, not refused."""
+    s, max_steps = cfg.schedule, cfg.train.max_steps
+    out = []
+    if s.warmup_steps > max_steps:
+        out.append(f"config key 'schedule.warmup_steps' ({s.warmup_steps}) is larger than train.max_steps ({max_steps}): "
+                   f"the learning rate stops at {max_steps / s.warmup_steps:.0%} of optim.lr, still warming up")
+    if 0 < s.decay_steps <= s.warmup_steps:
+        out.append(f"config key 'schedule.decay_steps' ({s.decay_steps}) is not above schedule.warmup_steps "
+                   f"({s.warmup_steps}): no cosine decay, the learning rate drops from optim.lr to schedule.min_lr "
+                   "as warmup ends")
+    return out
 
 
 def resolve_vocab(cfg: Config, tokenizer: dict, data_dir: str) -> Config:

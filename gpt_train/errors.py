@@ -21,3 +21,7 @@ class CheckpointError(UserError):
 
 class StorageError(UserError):
     pass
+
+
+class TrainingDiverged(UserError):
+    """The loss or the weights stopped being finite: retrying the same settings would diverge again."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import threading
 import time
 
 from gpt_train import protocol
@@ -39,16 +40,58 @@ def slurm_end_time(env: dict[str, str] | None = None) -> float | None:
         return None  # no squeue (inside a container): only signals stop the run
 
 
+# Signals that came before the trainer knew its config (while Python and torch were still loading).
+_early: list[str] = []
+
+
+def listen_early(signals: tuple[str, ...] = ("TERM", "USR1", "USR2")) -> None:
+    """Record the default stopping signals from the first moment of the process: the cluster may signal a job
+    during the seconds its imports take, and the default action would kill it with no requeue code."""
+    for name in signals:
+        signal.signal(_signum(name), lambda signum, frame: _early.append(signal.Signals(signum).name))
+
+
+def _signum(name: str) -> int:
+    name = name.strip().upper()
+    return getattr(signal, name if name.startswith("SIG") else "SIG" + name)
+
+
 class Preemption:
-    def __init__(self, signals: list[str], deadline: float | None, margin_s: float):
-        self.received: str | None = None
-        self.deadline = deadline
-        self.margin_s = margin_s
-        for name in (s.strip().upper() for s in signals):
-            signal.signal(getattr(signal, name if name.startswith("SIG") else "SIG" + name), self._handle)
+    """The stop request of this process: a signal, or the job's deadline coming near.
+
+    A SIGTERM is followed by the scheduler's SIGKILL (SLURM's KillWait, 30 s by default): when the step in
+    progress does not reach its end within grace_s, the process exits with EXIT_REQUEUE at once, without a new
+    checkpoint, so that the job is still requeued and the last checkpoint stands."""
+
+    def __init__(self, signals: list[str], deadline: float | None, margin_s: float, grace_s: float = 0.0):
+        self.deadline, self.margin_s, self.grace_s = deadline, margin_s, grace_s
+        self._timer: threading.Timer | None = None
+        self._acted = False
+        wanted = {signal.Signals(_signum(name)).name for name in signals}
+        self.received: str | None = next((name for name in _early if name in wanted), None)
+        for name in wanted:
+            signal.signal(getattr(signal, name), self._handle)
 
     def _handle(self, signum, frame) -> None:
         self.received = signal.Signals(signum).name
+        if signum == signal.SIGTERM and self.grace_s > 0 and self._timer is None:
+            self._timer = threading.Timer(self.grace_s, self._give_up)
+            self._timer.daemon = True
+            self._timer.start()
+
+    def _give_up(self) -> None:
+        if self._acted:
+            return
+        os.write(2, (f"preemption: SIGTERM and the step in progress did not end within preemption.grace_s="
+                     f"{self.grace_s:g} s: exiting {protocol.EXIT_REQUEUE} without a new checkpoint; the last "
+                     "one stands\n").encode())
+        os._exit(protocol.EXIT_REQUEUE)
+
+    def acting(self) -> None:
+        """The loop reached a step boundary and stops there: the grace timer has nothing left to do."""
+        self._acted = True
+        if self._timer is not None:
+            self._timer.cancel()
 
     def reason(self, step_seconds: float = 0.0) -> str | None:
         """Why the run should stop now, or None. Two more steps must fit before the deadline's margin."""

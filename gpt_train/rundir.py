@@ -14,8 +14,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 
+from gpt_train.errors import CheckpointError
 from gpt_train.storage import Store
 
 CONFIG = "config.yaml"
@@ -29,6 +31,7 @@ ROLLED_BACK = "rolled-back"
 LEASE = "lease.json"
 MANIFEST = "MANIFEST.json"
 META = "meta.json"
+FORMAT = "gpt-train-checkpoint/1"  # a checkpoint manifest's "format"
 
 
 def step_name(step: int) -> str:
@@ -44,6 +47,11 @@ def _step_of(name: str) -> int | None:
     if name.startswith("step-") and name[5:].isdigit():
         return int(name[5:])
     return None
+
+
+def list_rolled_back(store: Store) -> list[int]:
+    """Steps of the checkpoint folders under RUN/rolled-back, oldest first."""
+    return sorted(s for s in map(_step_of, store.listdir(ROLLED_BACK)) if s is not None)
 
 
 def list_steps(store: Store) -> list[tuple[int, bool]]:
@@ -64,3 +72,49 @@ def manifested_steps(store: Store) -> list[int]:
 def read_meta(store: Store, step: int) -> dict:
     """A checkpoint's meta.json as written (not verified against the manifest: for reports and retention)."""
     return json.loads(store.read_text(f"{step_folder(step)}/{META}"))
+
+
+# -- verifying a checkpoint folder: the rule checkpoint.load applies, without torch ---------------------
+
+def read_manifest(folder: Store) -> dict:
+    """A checkpoint folder's manifest; CheckpointError says why the folder is not a checkpoint."""
+    try:
+        manifest = json.loads(folder.read_text(MANIFEST))
+    except FileNotFoundError:
+        raise CheckpointError(f"'{folder.url}' has no {MANIFEST}: not a checkpoint, or one whose writing never finished") from None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise CheckpointError(f"'{folder.url}/{MANIFEST}' is not valid JSON") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        found = manifest.get("format") if isinstance(manifest, dict) else None
+        raise CheckpointError(f"'{folder.url}' is not a gpt-train checkpoint (manifest format {found!r})")
+    files = manifest.get("files")
+    if not isinstance(files, dict) or META not in files or not all(isinstance(e, dict) for e in files.values()):
+        raise CheckpointError(f"'{folder.url}/{MANIFEST}' does not list the checkpoint's files")
+    return manifest
+
+
+def read_verified(folder: Store, manifest: dict, name: str) -> bytes:
+    """A file the manifest lists, only if its size and sha256 are the manifest's."""
+    entry = manifest["files"][name]
+    try:
+        data = folder.read_bytes(name)
+    except FileNotFoundError:
+        raise CheckpointError(f"'{folder.url}/{name}' is listed in the manifest but missing") from None
+    if len(data) != entry.get("bytes") or hashlib.sha256(data).hexdigest() != entry.get("sha256"):
+        raise CheckpointError(f"'{folder.url}/{name}' does not match its manifest (size or checksum): corrupt")
+    return data
+
+
+def verify(store: Store, step: int) -> str | None:
+    """Why the run's checkpoint of `step` would not load, or None when every file it lists verifies.
+
+    Reads every byte of the checkpoint, one file at a time; what it does not check is what only loading
+    can: that the files unpickle into tensors."""
+    folder = Store(f"{store.url}/{step_folder(step)}")
+    try:
+        manifest = read_manifest(folder)
+        for name in manifest["files"]:
+            read_verified(folder, manifest, name)
+    except CheckpointError as e:
+        return str(e)
+    return None

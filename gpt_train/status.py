@@ -4,6 +4,10 @@ RUN is a local path or any fsspec URL. Nothing here needs the scheduler, wandb o
 run directory's run.json, config.yaml, metrics.jsonl, events.jsonl and checkpoint metadata say
 everything (on an object store, metrics are as of the last checkpoint: they are written whole then).
 
+The checkpoint reported is the newest one that verifies, as a resume would find it: checkpoints are
+verified from the newest down (every byte is read), the newer ones that fail are listed with the reason,
+and the older ones are listed as not verified. A run is finished only when its final checkpoint verifies.
+
 Restarts and their causes, from events.jsonl. Every start or resume after the first one is a
 restart; what ended the attempt before it is its cause:
 
@@ -70,8 +74,11 @@ class RunRecords:
     config: dict
     metrics: list[dict]
     events: list[dict]
-    checkpoints: list[int]  # complete checkpoint steps, oldest first
-    newest_meta: dict | None  # meta.json of the newest complete checkpoint
+    checkpoints: list[int]  # steps of checkpoints with a manifest, oldest first
+    newest_meta: dict | None  # meta.json of the newest checkpoint that verifies
+    failed: list[tuple[int, str]] = field(default_factory=list)  # (step, why) of newer ones that do not, newest first
+    unverified: list[int] = field(default_factory=list)  # older than the newest that verifies: not read
+    rolled_back: list[int] = field(default_factory=list)  # steps of the folders under RUN/rolled-back
     attempts: list[Attempt] = field(default_factory=list)
 
     @property
@@ -111,20 +118,21 @@ def read_run(url: str) -> RunRecords:
         except (yaml.YAMLError, FileNotFoundError):
             config = {}
     steps = rundir.manifested_steps(store) if rundir.CHECKPOINTS in names else []
-    newest = None
-    for s in reversed(steps):
-        try:
-            newest = rundir.read_meta(store, s)
+    newest, failed, unverified = None, [], []
+    for i in range(len(steps) - 1, -1, -1):
+        why = rundir.verify(store, steps[i])
+        if why is None:
+            newest, unverified = rundir.read_meta(store, steps[i]), steps[:i]
             break
-        except (FileNotFoundError, json.JSONDecodeError):
-            continue
+        failed.append((steps[i], why))
     if not config and newest:
         config = newest.get("config", {})
     identity = read_identity(store)
     run_id = identity["id"] if identity else (newest or {}).get("run_id")
     records = RunRecords(url=store.url, run_id=run_id, config=config,
                          metrics=read_jsonl(store, rundir.METRICS), events=read_jsonl(store, rundir.EVENTS),
-                         checkpoints=steps, newest_meta=newest)
+                         checkpoints=steps, newest_meta=newest, failed=failed, unverified=unverified,
+                         rolled_back=rundir.list_rolled_back(store) if rundir.ROLLED_BACK in names else [])
     records.attempts = attempts(records.events, records.metrics)
     return records
 
@@ -172,7 +180,12 @@ def summarize(info: RunRecords, now: float | None = None) -> dict:
     step = max([m["step"] for m in info.metrics if isinstance(m.get("step"), int)] + info.checkpoints, default=0)
     tokens = max([m["tokens"] for m in info.metrics if isinstance(m.get("tokens"), int)], default=None)
     last = info.attempts[-1] if info.attempts else None
-    finished = bool(last and last.end == "finish" and (max_steps is None or (last.last_step or 0) >= max_steps))
+    newest = info.newest_meta
+    resume_step = int(newest.get("step", 0)) if newest else None
+    # The finish record is written even when the final checkpoint failed, and a checkpoint can rot later.
+    final_ok = bool(last and resume_step is not None and resume_step >= (last.last_step or 0))
+    finished = bool(last and last.end == "finish" and final_ok
+                    and (max_steps is None or (last.last_step or 0) >= max_steps))
 
     recent = [m["step_ms"] for m in train[-20:] if isinstance(m.get("step_ms"), (int, float))]
     step_s = statistics.median(recent) / 1000 if recent else None
@@ -185,6 +198,10 @@ def summarize(info: RunRecords, now: float | None = None) -> dict:
         state = "not started"
     elif finished:
         state = "finished"
+    elif last.end == "finish" and not final_ok:
+        state = (f"ended at step {last.last_step}, but " + ("no checkpoint verifies: a resume starts fresh"
+                 if resume_step is None else f"the newest checkpoint that verifies is of step {resume_step}: "
+                 "a resume continues from there"))
     elif last.end == "finish":
         state = "finished (at a smaller max_steps than the config now says)"
     elif last.end == "preempted":
@@ -199,7 +216,6 @@ def summarize(info: RunRecords, now: float | None = None) -> dict:
         state = ("running" if idle <= quiet_ok else "stopped without a final record (crashed or killed)") \
             + f", last record {format_duration(idle)} ago"
 
-    newest = info.newest_meta
     report = {
         "run": info.url,
         "id": info.run_id,
@@ -214,6 +230,11 @@ def summarize(info: RunRecords, now: float | None = None) -> dict:
             "val_loss": newest.get("val_loss"), "tokens": newest.get("tokens"), "final": newest.get("final", False),
             "time": newest.get("time"),
         },
+        "failed_checkpoints": [{"step": s, "url": f"{info.url}/{rundir.step_folder(s)}", "reason": why}
+                               for s, why in info.failed],
+        "unverified_checkpoints": info.unverified,
+        "rolled_back": [{"step": s, "url": f"{info.url}/{rundir.ROLLED_BACK}/{rundir.step_name(s)}"}
+                        for s in info.rolled_back],
         "train_loss": None if not train else {"step": train[-1]["step"], "value": train[-1]["loss"]},
         "val_loss": None if not val else {"step": val[-1]["step"], "value": val[-1]["val_loss"]},
         "best_val_loss": min((m["val_loss"] for m in val), default=None),
@@ -259,7 +280,14 @@ def format_report(r: dict) -> str:
         extra = (f", val loss {c['val_loss']:.4f}" if c["val_loss"] is not None else "") + (", final" if c["final"] else "")
         lines.append(f"checkpoint: step {c['step']:,}{extra}  {c['url']}")
     else:
-        lines.append("checkpoint: none yet")
+        lines.append("checkpoint: " + ("none that verifies" if r["failed_checkpoints"] else "none yet"))
+    for x in r["failed_checkpoints"]:
+        lines.append(f"  step {x['step']:,} does not verify: {x['reason']}")
+    if r["unverified_checkpoints"]:
+        lines.append("  not verified (older): " + ", ".join(f"step {s:,}" for s in r["unverified_checkpoints"]))
+    if r["rolled_back"]:
+        lines.append("rolled back: " + ", ".join(f"step {x['step']:,}" for x in r["rolled_back"])
+                     + f"  (under {r['run']}/{rundir.ROLLED_BACK}/)")
     loss = []
     if r["train_loss"]:
         loss.append(f"train {r['train_loss']['value']:.4f} (step {r['train_loss']['step']:,})")

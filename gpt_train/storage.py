@@ -94,6 +94,19 @@ class Store:
         except FileNotFoundError:
             pass
 
+    def move(self, src: str, dst: str) -> None:
+        """A folder to another place in this store: a rename on local disk; on an object store a copy, then the
+        source removed, so that an interruption leaves the source whole."""
+        try:
+            if self.local:
+                os.makedirs(os.path.dirname(self.path(dst)), exist_ok=True)
+                os.replace(self.path(src), self.path(dst))
+            else:
+                self.fs.copy(self.path(src), self.path(dst), recursive=True)
+                self.fs.rm(self.path(src), recursive=True)
+        except Exception as e:
+            raise self._fail("move", src, e) from None
+
     def check_writable(self) -> None:
         """Fail before training starts, not at the first checkpoint an hour later."""
         probe = f".write-test-{uuid.uuid4().hex[:8]}"

@@ -29,9 +29,11 @@ import gpt_train
 from gpt_train import collectives, data, distributed, optim, parallel, precision, protocol, rundir
 from gpt_train.checkpoint import Checkpoint, CheckpointManager
 from gpt_train.config import Config, dump, load_config, micro_batch_for, resolve_vocab, to_dict, validate
-from gpt_train.errors import ConfigError, UserError
+from gpt_train.config import warnings as config_warnings
+from gpt_train.errors import ConfigError, TrainingDiverged, UserError
 from gpt_train.evaluate import val_loss
 from gpt_train.faults import Faults
+from gpt_train.lease import Lease, RunDirBusy
 from gpt_train.model import GPT
 from gpt_train.preemption import Preemption, slurm_end_time
 from gpt_train.rng import RankRNG
@@ -54,14 +56,18 @@ def train(cfg: Config) -> int:
 
     An exception on any rank ends this rank at once, with its traceback, and without waiting for the others
     (a barrier would hold them all until the collective timeout): the peers' next collective fails."""
+    p = cfg.preemption
+    preempt = Preemption(p.signals, slurm_end_time(), p.deadline_margin_s, p.grace_s)  # first: a signal may come now
     world = distributed.detect_world()
     meta = _data_meta(cfg, world)
     cfg = resolve_vocab(cfg, meta["tokenizer"], cfg.data.dir)
     validate(cfg, world.world_size)
     device = distributed.pick_device(cfg.train.device, world)
     backend = distributed.init(world, device, cfg.distributed)
+    trainer = None
     try:
-        rc = Trainer(cfg, world, device, backend, meta).fit()
+        trainer = Trainer(cfg, world, device, backend, meta)
+        rc = trainer.fit(preempt)
     except UserError:
         distributed.shutdown(clean=False)
         raise
@@ -74,6 +80,9 @@ def train(cfg: Config) -> int:
     except BaseException:
         distributed.shutdown(clean=False)
         raise
+    finally:
+        if trainer:
+            trainer.close()
     distributed.shutdown(clean=True)
     return rc
 
@@ -134,8 +143,16 @@ class Trainer:
         self.data_meta = meta
         self._setup_numerics()
         self.store = Store(cfg.run_dir)
-        if world.is_main:
-            self.store.check_writable()
+        self.lease, self.lease_note = self._hold_run_dir()
+        try:
+            self._start()
+        except BaseException:
+            if self.lease:  # start-up failed before any step: the run directory is free again at once
+                self.lease.release()
+            raise
+
+    def _start(self) -> None:
+        cfg, world, meta = self.cfg, self.world, self.data_meta
         self.state = TrainState()
         self.ckpt = CheckpointManager(cfg.checkpoint, cfg.run_dir, world, log=self.say, about={
             "config": to_dict(cfg), "tokenizer": meta["tokenizer"], "version": gpt_train.__version__,
@@ -148,6 +165,31 @@ class Trainer:
         self.attempt = collectives.broadcast_object(count_starts(self.store) + 1 if world.is_main else 0)
         self.faults = Faults.from_env(world.rank, self.attempt)
         self.log: RunLog | None = None
+
+    def _hold_run_dir(self) -> tuple[Lease | None, str | None]:
+        """Rank 0 becomes the run directory's one writer before it reads or changes anything there; every rank
+        learns the outcome, so that a busy run directory is the same one line everywhere."""
+        lease, note, error = None, None, None
+        if self.world.is_main:
+            try:
+                self.store.check_writable()
+                lease = Lease(self.store, self.cfg.checkpoint.lease_stale_s, settle_s=0.25 if self.store.local else 1.0,
+                              log=self.say)
+                note = lease.acquire()
+            except UserError as e:
+                error = e
+        note, message = collectives.broadcast_object((note, str(error) if error else None))
+        if error:
+            raise error
+        if message:
+            raise UserError(message)
+        return lease, note
+
+    def close(self) -> None:
+        """Give the run directory back, once the checkpoint in flight has landed (a requeued attempt waits for it)."""
+        if self.lease:
+            self.ckpt.wait()
+            self.lease.release()
 
     def _setup_numerics(self) -> None:
         t, device = self.cfg.train, self.device
@@ -204,12 +246,14 @@ class Trainer:
             f"batch {t.batch_tokens:,} tokens = {self.micro_batch} seq{bound} x {cfg.seq_len} x {world.world_size} "
             f"rank(s) x {accum} accumulation step(s)")
         say(f"run: {cfg.run_dir} (id {self.state.run_id}, start {self.attempt}); {self.start_note}")
+        for warning in config_warnings(cfg):
+            say(f"warning: {warning}")
         if self.faults:
             print(f"fault injection on rank {world.rank}: {self.faults.describe()}", flush=True)
 
     # -- the loop --------------------------------------------------------------------------------
 
-    def fit(self) -> int:
+    def fit(self, preempt: Preemption) -> int:
         cfg, t = self.cfg, self.cfg.train
         self.peak = precision.peak_flops(self.device, self.prec) if self.world.is_main else None
         self._announce()
@@ -217,7 +261,11 @@ class Trainer:
             self.say(f"run already complete at step {self.state.step}/{t.max_steps}: nothing to do")
             return protocol.EXIT_OK
         self._open_log()
-        preempt = Preemption(cfg.preemption.signals, slurm_end_time(), cfg.preemption.deadline_margin_s)
+        if self._agree(preempt.received is not None, False)[0]:  # signalled while starting: nothing new to save
+            preempt.acting()
+            self.say(f"preemption: {preempt.received or 'a peer rank was signalled'} before the first step: exiting "
+                     f"with {protocol.EXIT_REQUEUE} to be requeued; the checkpoint it started from stands", flush=True)
+            return self._stop(preempt.received or "peer", landed=True)
         if preempt.deadline:
             self.say(f"deadline: {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(preempt.deadline))}; the run "
                      f"checkpoints and exits {cfg.preemption.deadline_margin_s} s before it")
@@ -238,6 +286,7 @@ class Trainer:
             stop, time_due = self._agree(reason is not None, self.ckpt.time_due())
             stop = stop and not last
             if stop:
+                preempt.acting()
                 reason = reason or "a peer rank was signalled"
                 self.say(f"preemption: {reason} at step {step}: checkpointing, then exiting with "
                          f"{protocol.EXIT_REQUEUE} to be requeued", flush=True)
@@ -275,6 +324,7 @@ class Trainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
+        self.last_loss = loss_sum  # no sync here: checked at logging steps and before every save
         self.state.step += 1
         self.state.tokens += t.batch_tokens
         logging = self.state.step % t.log_interval == 0 or self.state.step == t.max_steps
@@ -293,7 +343,7 @@ class Trainer:
             return
         t, step = self.cfg.train, self.state.step
         if not math.isfinite(r.loss):
-            raise FloatingPointError(f"loss is {r.loss} at step {step}: lower optim.lr or use bf16/fp32")
+            raise self._diverged(f"the loss is {r.loss}")
         start, start_step = self._clock
         dt = (time.perf_counter() - start) / max(1, step - start_step)
         self._clock = time.perf_counter(), step
@@ -338,19 +388,42 @@ class Trainer:
         self.store.write_text(rundir.CONFIG, dump(self.cfg))
         self.log = RunLog(self.store, resume_step=self.state.step, config=self.cfg)
         self.log.event("resume" if self.state.step else "start", step=self.state.step,
-                       world_size=self.world.world_size, attempt=self.attempt,
+                       world_size=self.world.world_size, attempt=self.attempt, lease=self.lease_note,
                        slurm_job=os.environ.get("SLURM_JOB_ID"), restart=int(os.environ.get("SLURM_RESTART_COUNT", 0)))
         self.say("config:\n" + dump(self.cfg).rstrip())
 
     def _save(self, val: float | None, final: bool) -> None:
+        # A checkpoint of NaN weights would be resumed by every later start: never commit one. Nor one over
+        # the checkpoints of another trainer that took the run directory over.
+        finite = [torch.isfinite(self.last_loss).all()]
+        finite += [torch.isfinite(getattr(p, "to_local", lambda p=p: p)()).all() for p in self.raw_model.parameters()]
+        lost = bool(self.lease and self.lease.lost)
+        not_finite, lost = collectives.all_reduce_sum([float(not torch.stack(finite).all()), float(lost)], self.device)
+        if not_finite:
+            raise self._diverged("the weights or the loss are not finite")
+        if lost:
+            raise RunDirBusy(f"another trainer took over {self.cfg.run_dir} (its lease.json is not ours any more): "
+                             "this one stops without writing; run one trainer per run_dir")
         blocked = self.ckpt.save(val, final=final)
         if self.log:
             self.log.flush()
             self.say(f"checkpoint: step {self.state.step} snapshot taken, training blocked {blocked * 1000:.0f} ms")
 
-    def _stop(self, reason: str) -> int:
+    def _diverged(self, what: str) -> TrainingDiverged:
+        """The one line a diverged run ends with (every rank agrees on it), after recording it."""
+        o, step = self.cfg.optim, self.state.step
         if self.log:
-            landed = self.ckpt.wait()
+            self.log.event("diverged", step=step, cause=what, checkpoint_saved=False)
+            self.log.close()
+        return TrainingDiverged(
+            f"training diverged at step {step}: {what}; nothing from it was saved, the newest checkpoint in "
+            f"{self.cfg.run_dir} is the last good one. Lower optim.lr (now {o.lr:g}), raise schedule.warmup_steps "
+            f"(now {self.cfg.schedule.warmup_steps}) or clip gradients (optim.grad_clip, now {o.grad_clip:g}), then "
+            "start again: the run resumes from that checkpoint")
+
+    def _stop(self, reason: str, landed: bool | None = None) -> int:
+        if self.log:
+            landed = self.ckpt.wait() if landed is None else landed
             self.log.event("preempted", step=self.state.step, cause=reason, checkpoint_landed=landed)
             self.log.close()
         return protocol.EXIT_REQUEUE

@@ -19,7 +19,8 @@ if __package__ in (None, ""):  # `python launch/submit.py`: make `launch` and `g
 
 from gpt_train import protocol  # noqa: E402
 from gpt_train.errors import UserError  # noqa: E402
-from launch import local, spec as specs  # noqa: E402
+from launch import local  # noqa: E402
+from launch import spec as specs
 from launch.spec import credential_names, quote  # noqa: E402
 
 PROG = "gpt-train-submit"

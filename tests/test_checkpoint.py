@@ -103,8 +103,12 @@ def test_foreign_pickle_is_refused(mem_run):
     import hashlib
     manifest["files"]["model.pt"] = {"bytes": len(payload), "sha256": hashlib.sha256(payload).hexdigest()}
     store.write_text("checkpoints/step-00000001/MANIFEST.json", json.dumps(manifest))
-    with pytest.raises(CheckpointError, match="not a gpt-train checkpoint file"):
+    with pytest.raises(CheckpointError, match="not a gpt-train checkpoint file") as refused:
         load(f"{mem_run}/checkpoints/step-00000001")
+    # torch's hint (load it with weights_only=False) would run the payload: not advice to pass on
+    message = str(refused.value)
+    assert "weights_only" not in message and "Re-running" not in message and "torch.load" not in message
+    assert "objects gpt-train does not load" in message and "nothing in it was executed" in message
     with pytest.raises(CheckpointError, match="not a gpt-train checkpoint"):
         Store(mem_run).write_text("other/MANIFEST.json", "{}")
         load(f"{mem_run}/other")

@@ -1,6 +1,6 @@
 import pytest
 
-from gpt_train.config import Config, dump, from_dict, load_config, resolve_config_path, to_dict
+from gpt_train.config import Config, dump, from_dict, load_config, resolve_config_path, to_dict, warnings
 from gpt_train.errors import ConfigError
 
 
@@ -109,3 +109,15 @@ def test_round_trip_through_dict():
     assert from_dict(to_dict(cfg)) == cfg
     assert "n_layer: 48" in dump(cfg)
     assert Config().seq_len == 1024
+
+
+def test_suspicious_but_legal_settings_are_warnings_naming_the_keys():
+    from gpt_train.config import preset_names
+    assert [n for n in preset_names() if warnings(load_config(n))] == []
+    (long_warmup,) = warnings(load_config("default", ["max_steps=100", "warmup_steps=500"]))
+    assert "'schedule.warmup_steps' (500)" in long_warmup and "train.max_steps (100)" in long_warmup
+    (short_decay,) = warnings(load_config("default", ["warmup_steps=100", "decay_steps=50"]))
+    assert "'schedule.decay_steps' (50)" in short_decay and "schedule.warmup_steps (100)" in short_decay
+    assert len(warnings(load_config("default", ["max_steps=10", "warmup_steps=100", "decay_steps=50"]))) == 2
+    assert len(warnings(load_config("default", ["warmup_steps=100", "decay_steps=100"]))) == 1  # drops just the same
+    assert warnings(load_config("default", ["max_steps=100", "warmup_steps=100", "decay_steps=0"])) == []

@@ -70,3 +70,58 @@ def test_deadline_sources():
     assert slurm_end_time({"GPT_TRAIN_DEADLINE": "123.5"}) == 123.5
     assert slurm_end_time({"SLURM_JOB_END_TIME": "1000"}) == 1000.0
     assert slurm_end_time({}) is None
+
+
+def catches(pid: int, sig: signal.Signals) -> bool:
+    """Whether the process has a handler for `sig` (the SigCgt mask of /proc/PID/status)."""
+    with open(f"/proc/{pid}/status") as f:
+        mask = next(int(line.split()[1], 16) for line in f if line.startswith("SigCgt:"))
+    return bool(mask >> (sig - 1) & 1)
+
+
+@pytest.mark.parametrize("when", ["importing", "starting"])
+def test_a_signal_before_the_first_step_still_exits_for_requeue(tmp_path, tiny_data, when):
+    run = tmp_path / "run"
+    assert cli(*train_args(tiny_data, str(run), "max_steps=2")).returncode == 0
+    proc = subprocess.Popen([sys.executable, "-m", "gpt_train", *train_args(tiny_data, str(run), "max_steps=4")],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    out = []
+    if when == "importing":  # as soon as the process listens, long before torch has loaded
+        while not catches(proc.pid, signal.SIGUSR2) and proc.poll() is None:
+            time.sleep(0.005)
+        proc.send_signal(signal.SIGUSR2)
+    for line in proc.stdout:
+        out.append(line)
+        if when == "starting" and line.startswith("run: "):  # resumed, the loop not begun
+            proc.send_signal(signal.SIGUSR2)
+    proc.wait()
+    text = "".join(out)
+    assert proc.returncode == REQUEUE_EXIT, text[-2000:]
+    assert "preemption: SIGUSR2 before the first step" in text
+    assert max(losses(run)) == 2 and (run / "checkpoints" / "LATEST").read_text().strip() == "step-00000002"
+    assert cli(*train_args(tiny_data, str(run), "max_steps=4")).returncode == 0
+
+
+def test_a_sigterm_in_a_step_that_cannot_end_in_the_grace_time_exits_for_requeue(tmp_path, tiny_data):
+    steps = ["max_steps=6", "checkpoint.interval=2"]
+    ref = tmp_path / "ref"
+    assert cli(*train_args(tiny_data, str(ref), *steps)).returncode == 0
+    run = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "gpt_train", *train_args(tiny_data, str(run), *steps,
+                                                                             "preemption.grace_s=2")],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1", "GPT_TRAIN_FAULT": "hang@step=4"})
+    out = []
+    for line in proc.stdout:
+        out.append(line)
+        if line.startswith("fault: injecting 'hang'"):  # step 4 will never end
+            signalled = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+    proc.wait()
+    text = "".join(out)
+    assert proc.returncode == REQUEUE_EXIT and time.monotonic() - signalled < 30, text[-2000:]
+    assert "did not end within preemption.grace_s=2 s: exiting 75 without a new checkpoint" in text
+    assert (run / "checkpoints" / "LATEST").read_text().strip() == "step-00000002"  # the last one stands
+    assert cli(*train_args(tiny_data, str(run), *steps)).returncode == 0
+    assert losses(run) == losses(ref)

@@ -146,3 +146,48 @@ def test_the_embedded_default_prepares_its_corpus_in_an_empty_folder(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "data/moby-dick holds no prepared data: preparing the bundled corpus into it" in result.stdout
     assert (tmp_path / "data" / "moby-dick" / "meta.json").is_file() and "done: step 2" in result.stdout
+
+
+@pytest.mark.parametrize("seen_at", ["a logging step", "a checkpoint"])
+def test_a_diverged_run_never_checkpoints_nan_and_resumes_from_the_last_good_one(tmp_path, tiny_data, seen_at):
+    steps = ["max_steps=6", "checkpoint.interval=2"]
+    # The NaN loss of step 3 is seen by the step's own log line, or, when step 3 logs nothing, by the save
+    # of step 4, whose weights the NaN gradients have poisoned.
+    extra = ["train.log_interval=1"] if seen_at == "a logging step" else ["train.log_interval=5"]
+    run = tmp_path / "run"
+    result = cli(*train_args(tiny_data, str(run), *steps, *extra), env={"GPT_TRAIN_FAULT": "nan@step=3"})
+    line = one_line_error(result, "training diverged at step", "nothing from it was saved", "Lower optim.lr")
+    assert ("the loss is nan" in line) == (seen_at == "a logging step")
+    assert sorted(p.name for p in (run / "checkpoints").glob("step-*")) == ["step-00000002"]
+    events = [json.loads(x) for x in (run / "events.jsonl").read_text().splitlines()]
+    assert events[-1]["event"] == "diverged" and events[-1]["checkpoint_saved"] is False
+    resumed = cli(*train_args(tiny_data, str(run), *steps, *extra))
+    assert resumed.returncode == 0 and "(step 2)" in resumed.stdout, resumed.stderr[-2000:]
+
+
+def test_a_second_trainer_on_the_same_run_dir_refuses_naming_the_first(tmp_path, tiny_data):
+    import signal
+    import sys
+
+    from helpers import REPO
+    run = tmp_path / "run"
+    args = train_args(tiny_data, str(run), "max_steps=400", "checkpoint.interval=50")
+    first = subprocess.Popen([sys.executable, "-m", "gpt_train", *args], cwd=REPO, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        for line in first.stdout:
+            if line.startswith("step      3/400"):
+                break
+        second = cli(*args)
+        one_line_error(second, f"run directory {run} is in use by host", f"pid {first.pid}")
+        first.send_signal(signal.SIGTERM)
+        first.communicate(timeout=120)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    assert first.returncode == 75
+    events = [json.loads(x)["event"] for x in (run / "events.jsonl").read_text().splitlines()]
+    assert events == ["start", "preempted"]  # the refused trainer wrote nothing
+    assert not (run / "lease.json").exists()  # given back after the last checkpoint landed
+    resumed = cli(*train_args(tiny_data, str(run), "max_steps=8"))
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
