@@ -264,6 +264,7 @@ class CheckpointManager:
         self.cfg, self.world, self.about, self.log = cfg, world, about, log
         self.writer = Checkpointer(run_dir, cfg.keep_last, cfg.keep_best, asynchronous=cfg.async_save, log=log)
         self.parts: dict[str, Any] = {}
+        self.rollback: dict | None = None  # what a resume=best start set aside, for the events log
         self._last_save = time.monotonic()
 
     def attach(self, **parts: Any) -> None:
@@ -302,13 +303,8 @@ class CheckpointManager:
                     self.writer.store.remove(name)
             fresh = "starting fresh" + (" (old checkpoints removed: overwrite=true)" if steps else "")
             return None, init_from or None, fresh + (f" from the weights of {init_from}" if init_from else "")
-        if mode == "best":
-            url = self.writer.best_url()
-            if url is None:
-                raise CheckpointError(f"checkpoint.resume=best but '{run}' has no checkpoint with a val loss")
-            found = load(url)
-            self._drop_newer(found.step)
-            return found, None, f"resuming from the best checkpoint {url} (step {found.step})"
+        if mode == "best" and not self._rolled_back_before():
+            return self._roll_back(), None, self.rollback["note"]
         found = self.writer.load_newest()
         if found:
             self._drop_newer(found.step)
@@ -318,14 +314,48 @@ class CheckpointManager:
             return None, init_from, f"no checkpoint of its own: starting from the weights of {init_from}"
         return None, None, "no checkpoint found: starting fresh"
 
-    def _drop_newer(self, step: int) -> None:
-        """Folders newer than the resume point did not verify; they would confuse retention and the next resume."""
-        store = self.writer.store
+    def _rolled_back_before(self) -> bool:
+        """resume=best rolls a run back once: the same command, rerun by every requeue, then continues the
+        branch that the rollback started instead of going back again."""
+        from gpt_train.runlog import read_jsonl
+
+        return any(e.get("event") == "rollback" for e in read_jsonl(self.writer.store, rundir.EVENTS))
+
+    def _roll_back(self) -> Checkpoint:
+        """Resume from the checkpoint of the lowest val loss; the newer ones that verify are set aside in
+        RUN/rolled-back/ (kept, listed by `status`, out of retention's reach), not deleted."""
+        url = self.writer.best_url()
+        if url is None:
+            raise CheckpointError(f"checkpoint.resume=best but '{self.writer.store.url}' has no checkpoint with a val loss")
+        found = load(url)
+        newest = max(manifested_steps(self.writer.store))
+        set_aside = self._drop_newer(found.step, keep_valid=True)
+        where = f"{self.writer.store.url}/{rundir.ROLLED_BACK}/"
+        note = (f"rolled back from step {newest} to the best checkpoint {url} (step {found.step}, val loss "
+                f"{found.meta['val_loss']:.4f})" + (f"; steps {', '.join(map(str, set_aside))} set aside in {where}"
+                                                    if set_aside else ", the newest")
+                + "; later starts continue from the newest checkpoint")
+        self.rollback = {"from_step": newest, "to_step": found.step, "set_aside": set_aside, "note": note}
+        return found
+
+    def _drop_newer(self, step: int, keep_valid: bool = False) -> list[int]:
+        """Folders newer than the resume point would confuse retention and the next resume: those that do not
+        verify are removed, saying why; those that do (a rollback's) are set aside. Returns the steps set aside."""
+        store, set_aside = self.writer.store, []
         for s, _ in list_steps(store):
-            if s > step:
-                self.log(f"checkpoint: removing {step_name(s)}: newer than the resume point and not loadable")
-                store.remove(f"{step_folder(s)}/{MANIFEST}")
-                store.remove(step_folder(s))
+            if s <= step:
+                continue
+            problem = rundir.verify(store, s)
+            if problem is None and keep_valid:
+                store.remove(f"{rundir.ROLLED_BACK}/{step_name(s)}")  # a half-finished earlier move
+                store.move(step_folder(s), f"{rundir.ROLLED_BACK}/{step_name(s)}")
+                set_aside.append(s)
+                continue
+            self.log(f"checkpoint: removing {step_name(s)}, newer than the resume point: "
+                     + (problem or "its files verify but do not load as a gpt-train checkpoint"))
+            store.remove(f"{step_folder(s)}/{MANIFEST}")
+            store.remove(step_folder(s))
+        return set_aside
 
     # -- restoring -----------------------------------------------------------------------------
 

@@ -390,6 +390,8 @@ class Trainer:
         self.log.event("resume" if self.state.step else "start", step=self.state.step,
                        world_size=self.world.world_size, attempt=self.attempt, lease=self.lease_note,
                        slurm_job=os.environ.get("SLURM_JOB_ID"), restart=int(os.environ.get("SLURM_RESTART_COUNT", 0)))
+        if self.ckpt.rollback:
+            self.log.event("rollback", step=self.state.step, **self.ckpt.rollback)
         self.say("config:\n" + dump(self.cfg).rstrip())
 
     def _save(self, val: float | None, final: bool) -> None:

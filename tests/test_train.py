@@ -191,3 +191,30 @@ def test_a_second_trainer_on_the_same_run_dir_refuses_naming_the_first(tmp_path,
     assert not (run / "lease.json").exists()  # given back after the last checkpoint landed
     resumed = cli(*train_args(tiny_data, str(run), "max_steps=8"))
     assert resumed.returncode == 0, resumed.stderr[-2000:]
+
+
+def test_resume_best_rolls_back_once_and_keeps_the_newer_checkpoints(tmp_path, tiny_data):
+    run = tmp_path / "run"
+    steps = ["checkpoint.interval=2", "eval_interval=2"]
+    assert cli(*train_args(tiny_data, str(run), "max_steps=4", *steps)).returncode == 0
+    # Steps 5-8 at a learning rate far too high: their val losses are worse, step 4 stays the best.
+    worse = cli(*train_args(tiny_data, str(run), "max_steps=8", *steps, "optim.lr=0.5", "schedule.min_lr=0.5"))
+    assert worse.returncode == 0, worse.stderr[-2000:]
+    val = {r["step"]: r["val_loss"] for r in read_metrics(run) if "val_loss" in r}
+    assert min(val, key=val.get) == 4, val
+
+    back = cli(*train_args(tiny_data, str(run), "max_steps=8", *steps, "checkpoint.resume=best"))
+    assert back.returncode == 0, back.stderr[-2000:]
+    assert "rolled back from step 8 to the best checkpoint" in back.stdout and "(step 4," in back.stdout
+    assert sorted(p.name for p in (run / "rolled-back").iterdir()) == ["step-00000006", "step-00000008"]
+    events = [json.loads(x) for x in (run / "events.jsonl").read_text().splitlines()]
+    rollback = [e for e in events if e["event"] == "rollback"]
+    assert len(rollback) == 1 and (rollback[0]["from_step"], rollback[0]["to_step"], rollback[0]["set_aside"]) == (8, 4, [6, 8])
+    new_val = {r["step"]: r["val_loss"] for r in read_metrics(run) if "val_loss" in r}
+    assert new_val[6] < val[6] and new_val[8] < val[8]  # the new branch, at the sane learning rate
+
+    # A requeue reruns the same command: it continues the new branch instead of rolling back again.
+    again = cli(*train_args(tiny_data, str(run), "max_steps=10", *steps, "checkpoint.resume=best"))
+    assert again.returncode == 0 and f"resuming from {run}/checkpoints/step-00000008 (step 8)" in again.stdout
+    status = json.loads(cli("status", str(run), "--json").stdout)
+    assert [r["step"] for r in status["rolled_back"]] == [6, 8]
