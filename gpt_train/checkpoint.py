@@ -245,6 +245,12 @@ def find(source: str, parts: tuple[str, ...] = ("model",)) -> Checkpoint:
     return found
 
 
+def _leaf(tree: dict, key: str) -> Any:
+    for part in key.split("."):
+        tree = tree.get(part) if isinstance(tree, dict) else None
+    return tree
+
+
 # -- the checkpoints of a training run ------------------------------------------------------------
 
 # Parts with a file of their own; every other part's state_dict() is merged into meta.json.
@@ -265,6 +271,7 @@ class CheckpointManager:
         self.writer = Checkpointer(run_dir, cfg.keep_last, cfg.keep_best, asynchronous=cfg.async_save, log=log)
         self.parts: dict[str, Any] = {}
         self.rollback: dict | None = None  # what a resume=best start set aside, for the events log
+        self.course_changes: list[str] = []  # exactness given up with checkpoint.allow_changes, for the events log
         self._last_save = time.monotonic()
 
     def attach(self, **parts: Any) -> None:
@@ -288,8 +295,40 @@ class CheckpointManager:
         if error:
             raise CheckpointError(error)
         found = chosen or (load(resume_url) if resume_url else None)
+        if found:
+            self._check_course(found)
         init = find(init_url, ("model",)) if init_url else None
         return found, init, note
+
+    def _check_course(self, found: Checkpoint) -> None:
+        """An exact resume needs the checkpoint's seed, batch and data: a difference is refused, naming each,
+        unless checkpoint.allow_changes accepts it (then it is an event). Other changed settings are printed."""
+        from gpt_train.config import LEAVES
+
+        theirs, ours = found.meta.get("config", {}), self.about["config"]
+        exact = {"train.seed": "seed", "train.batch_tokens": "batch"}
+        diffs, free = [], []
+        for key in LEAVES:
+            before, now = _leaf(theirs, key), _leaf(ours, key)
+            if before is None or before == now or key.startswith("checkpoint."):
+                continue
+            if key in exact:
+                diffs.append((exact[key], f"{key} {before} -> {now}"))
+            else:
+                free.append(f"{key} {before} -> {now}")
+        data_before = found.meta.get("data_fingerprint")
+        if data_before and data_before != self.about["data_fingerprint"]:
+            diffs.append(("data", f"the data in {ours['data']['dir']} (fingerprint {self.about['data_fingerprint']}) "
+                                  f"is not the checkpoint's ({data_before})"))
+        refused = [(name, what) for name, what in diffs if name not in self.cfg.allow_changes]
+        if refused:
+            names = ",".join(dict.fromkeys(name for name, _ in refused))
+            raise CheckpointError(f"resuming {found.url} would not continue the same run: "
+                                  + "; ".join(what for _, what in refused)
+                                  + f". Restore the checkpoint's settings, or accept with checkpoint.allow_changes={names}")
+        self.course_changes = [what for _, what in diffs]
+        if free:
+            self.log("resume: settings changed since the checkpoint: " + "; ".join(free))
 
     def _choose(self) -> tuple[Checkpoint | None, str | None, str]:
         mode, init_from, run = self.cfg.resume, self.cfg.init_from, self.writer.store.url

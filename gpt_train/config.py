@@ -88,6 +88,8 @@ class CheckpointConfig:
     init_from: str = ""
     # a trainer holds RUN/lease.json and renews it; a lease not renewed for this long is taken over
     lease_stale_s: float = 120.0
+    # an exact resume needs the checkpoint's seed, batch and data: name the ones a resume may change anyway
+    allow_changes: list[str] = field(default_factory=list, metadata={"list": True, "choices": ("seed", "batch", "data")})
     async_save: bool = True  # serialize and upload on a background thread
 
 
@@ -207,7 +209,11 @@ def _coerce(key: str, value: Any, f: dataclasses.Field) -> Any:
         items = value.split(",") if isinstance(value, str) else value
         if not isinstance(items, (list, tuple)) or not all(isinstance(v, str) for v in items):
             raise ConfigError(f"config key '{key}' expects a list of names (YAML list or 'A,B'), got {value!r}")
-        return [v.strip() for v in items if v.strip()]
+        items = [v.strip() for v in items if v.strip()]
+        bad = [v for v in items if f.metadata.get("choices") and v not in f.metadata["choices"]]
+        if bad:
+            raise ConfigError(f"config key '{key}' takes names from {', '.join(f.metadata['choices'])}; got '{bad[0]}'")
+        return items
     kind = f.type if isinstance(f.type, type) else {"int": int, "float": float, "bool": bool, "str": str}[f.type]
     bad = ConfigError(f"config key '{key}' expects {kind.__name__}, got {value!r}")
     if kind is bool:

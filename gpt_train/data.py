@@ -9,6 +9,7 @@ state is the index of the next sample: a checkpoint written by 4 ranks resumes o
 
 from __future__ import annotations
 
+import hashlib
 import json
 from functools import lru_cache
 from pathlib import Path
@@ -134,3 +135,14 @@ def eval_batches(split: Split, batches: int, micro_batch: int, rank: int, world_
     for i in range(0, len(mine), micro_batch):
         rows = split.windows(mine[i : i + micro_batch])
         yield rows[:, :-1].contiguous(), rows[:, 1:].contiguous()
+
+
+def fingerprint(meta: dict) -> str:
+    """The identity of a prepared directory's token stream, from its meta.json: the same for a copy moved
+    elsewhere, different when it was prepared again from other input or with other options."""
+    identity = {
+        "tokenizer": meta["tokenizer"].get("sha256"), "dtype": meta["dtype"], "splits": meta["splits"],
+        "sources": [(Path(src["path"]).name, src.get("bytes")) for src in meta.get("sources", [])],
+        "val_fraction": meta.get("val_fraction"), "options": meta.get("options"),
+    }
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]

@@ -442,6 +442,8 @@ def prepare(inputs: list[str], out: str, *, val_fraction: float = 0.005, train_t
     if not train_tokenizer:
         wanted["tokenizer"] = tokenizers.gpt2().identity()
     current = None if force else _up_to_date(out_dir, wanted)
+    if not force and not current:
+        _refuse_other_input(out_dir, wanted)
     if current:
         splits = ", ".join(f"{split} {info['tokens']:,}" for split, info in current["splits"].items())
         print(f"{out_dir} is up to date ({splits} tokens); --force redoes it", flush=True)
@@ -529,6 +531,21 @@ def _val_from_tail(writers: dict[str, _ShardWriter], val_fraction: float) -> str
     _move_tail(train, writers["val"], count)
     writers["val"].close()
     return "tail"
+
+
+def _refuse_other_input(out_dir: Path, wanted: dict) -> None:
+    """A prepared folder is replaced silently only by its own inputs brought up to date: built from other files,
+    it may be the data of a run that resumes from it, whose token stream would change under it."""
+    try:
+        meta = json.loads((out_dir / "meta.json").read_text())
+        before = sorted(src["path"] for src in meta["sources"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # nothing prepared there, or nothing that says from what
+    now = sorted(src["path"] for src in wanted["sources"])
+    if before != now:
+        shown = ", ".join(before[:3]) + (f" and {len(before) - 3} more" if len(before) > 3 else "")
+        raise DataError(f"'{out_dir}' was prepared from other input ({shown}): pass --force to replace it, "
+                        "or choose another --out")
 
 
 def _up_to_date(out_dir: Path, wanted: dict) -> dict | None:

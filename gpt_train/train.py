@@ -155,7 +155,8 @@ class Trainer:
         cfg, world, meta = self.cfg, self.world, self.data_meta
         self.state = TrainState()
         self.ckpt = CheckpointManager(cfg.checkpoint, cfg.run_dir, world, log=self.say, about={
-            "config": to_dict(cfg), "tokenizer": meta["tokenizer"], "version": gpt_train.__version__,
+            "config": to_dict(cfg), "tokenizer": meta["tokenizer"], "data_fingerprint": data.fingerprint(meta),
+            "version": gpt_train.__version__,
             "git_commit": git_commit() if world.is_main else ""})
         found, init, self.start_note = self.ckpt.resume_point()
         self._build(found, init)
@@ -392,6 +393,8 @@ class Trainer:
                        slurm_job=os.environ.get("SLURM_JOB_ID"), restart=int(os.environ.get("SLURM_RESTART_COUNT", 0)))
         if self.ckpt.rollback:
             self.log.event("rollback", step=self.state.step, **self.ckpt.rollback)
+        if self.ckpt.course_changes:
+            self.log.event("changed", step=self.state.step, accepted=self.ckpt.course_changes)
         self.say("config:\n" + dump(self.cfg).rstrip())
 
     def _save(self, val: float | None, final: bool) -> None:

@@ -320,3 +320,17 @@ def test_default_data_folder_is_prepared_from_the_bundled_corpus_when_missing(tm
     assert meta["sources"][0]["path"] == P.bundled_corpus() and meta["splits"]["val"]["tokens"] > 0
     assert not P.ensure_bundled("./data/moby-dick", say=said.append)  # prepared: nothing to do
     assert len(said) == 1
+
+
+def test_a_folder_prepared_from_other_input_is_replaced_only_with_force(tmp_path):
+    first, second, out = tmp_path / "a.txt", tmp_path / "b.txt", tmp_path / "out"
+    first.write_text("The whale. " * 3000)
+    second.write_text("The sea. " * 3000)
+    P.prepare([str(first)], str(out), val_fraction=0.1)
+    before = (out / "meta.json").read_text()
+    with pytest.raises(DataError, match=r"was prepared from other input \(.*a\.txt\): pass --force"):
+        P.prepare([str(second)], str(out), val_fraction=0.1)
+    assert (out / "meta.json").read_text() == before  # untouched
+    first.write_text("The whale, again. " * 3000)  # its own input, changed: brought up to date without --force
+    assert P.prepare([str(first)], str(out), val_fraction=0.1)["sources"][0]["bytes"] == first.stat().st_size
+    assert "b.txt" in P.prepare([str(second)], str(out), val_fraction=0.1, force=True)["sources"][0]["path"]

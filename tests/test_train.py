@@ -218,3 +218,25 @@ def test_resume_best_rolls_back_once_and_keeps_the_newer_checkpoints(tmp_path, t
     assert again.returncode == 0 and f"resuming from {run}/checkpoints/step-00000008 (step 8)" in again.stdout
     status = json.loads(cli("status", str(run), "--json").stdout)
     assert [r["step"] for r in status["rolled_back"]] == [6, 8]
+
+
+def test_a_resume_that_would_not_be_exact_is_refused_unless_accepted(tmp_path, tiny_data):
+    run = tmp_path / "run"
+    assert cli(*train_args(tiny_data, str(run), "max_steps=2")).returncode == 0
+    one_line_error(cli(*train_args(tiny_data, str(run), "max_steps=4", "train.seed=7", "train.batch_tokens=512")),
+                   "would not continue the same run", "train.seed 1337 -> 7", "train.batch_tokens 256 -> 512",
+                   "checkpoint.allow_changes=batch,seed")
+    # Other input prepared with the same tokenizer: the checkpoint knows it is not its data.
+    other = tmp_path / "other"
+    (tmp_path / "other.txt").write_text("Call me Ishmael. " * 4000)
+    assert cli("prepare", str(tmp_path / "other.txt"), "--out", str(other), "--val-fraction", "0.1").returncode == 0
+    one_line_error(cli(*train_args(str(other), str(run), "max_steps=4")), "is not the checkpoint's",
+                   "checkpoint.allow_changes=data")
+    assert sorted(p.name for p in (run / "checkpoints").glob("step-*")) == ["step-00000002"]  # nothing was touched
+
+    accepted = cli(*train_args(tiny_data, str(run), "max_steps=4", "train.seed=7", "optim.lr=1e-3",
+                               "checkpoint.allow_changes=seed"))
+    assert accepted.returncode == 0, accepted.stderr[-2000:]
+    assert "resume: settings changed since the checkpoint: optim.lr 0.003 -> 0.001" in accepted.stdout
+    events = [json.loads(x) for x in (run / "events.jsonl").read_text().splitlines()]
+    assert [e["accepted"] for e in events if e["event"] == "changed"] == [["train.seed 1337 -> 7"]]
