@@ -473,10 +473,11 @@ def test_env_reports_what_a_run_would_see(tmp_path, tiny_data):
              "SLURM_JOB_NODELIST": "localhost,n2", "SLURM_JOB_ID": "99"}
     bad_dir = tmp_path / "a-file"
     bad_dir.write_text("")
-    result = cli("env", "default", f"data.dir={tiny_data}", f"run_dir={bad_dir}/run", env=slurm, timeout=60)
+    result = cli("env", "default", f"data.dir={tiny_data}", f"run_dir={bad_dir}/run", "train.batch_tokens=2176",
+                 env=slurm, timeout=60)
     assert result.returncode == 1
     text = result.stdout
     assert "launcher   srun: rank 2/4 (local 0/2) on 2 node(s), master localhost:20099 (srun)" in text
     assert "a 2-node job cannot use master address 'localhost'" in text
     assert f"run_dir '{bad_dir}/run' is not writable" in text
-    assert "must be a multiple of" in text  # 2048 tokens do not split over 4 ranks of 16 x 128
+    assert "must be a multiple of" in text  # 17 sequences of 128 tokens do not split over 4 ranks
