@@ -22,9 +22,10 @@ def wrap(model: torch.nn.Module, world: World, device: torch.device, cfg) -> tor
 
     FSDP2 shards the model in place, so the plain module (and `torch.compile`'s wrapper around it) becomes
     the sharded one: build the optimizer from its parameters after this call. Either way the result has
-    `no_sync()`: DDP skips the gradient all-reduce inside it; FSDP reduce-scatters on every micro-step
-    anyway, so that gradients stay sharded (skipping it would hold the whole model's gradients unsharded,
-    the memory FSDP is there to save)."""
+    `no_sync()` for the micro-steps before the last: DDP skips its all-reduce, FSDP its reduce-scatter (the
+    gradients of those micro-steps accumulate unsharded, one model's worth of fp32, instead of moving the
+    whole model's gradients over the network at every micro-step). Under bf16, FSDP gathers bf16 parameters
+    and reduces in fp32 (MixedPrecisionPolicy): half the bytes of every all-gather, no precision lost in the sum."""
     if not world.distributed:
         return model
     if cfg.distributed.strategy == "ddp":
@@ -32,19 +33,30 @@ def wrap(model: torch.nn.Module, world: World, device: torch.device, cfg) -> tor
 
         return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     from gpt_train import precision
 
-    if precision.choose(cfg.train.precision, device) == "fp16":
+    prec = precision.choose(cfg.train.precision, device)
+    if prec == "fp16":
         raise ConfigError("distributed.strategy=fsdp does not support train.precision=fp16 (its loss scaler would "
                           "see only this rank's shard of the gradients): use bf16 or fp32, or strategy=ddp")
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if prec == "bf16" else None
+    options = {"mesh": init_device_mesh(device.type, (world.world_size,)), **({"mp_policy": policy} if policy else {})}
     inner = getattr(model, "_orig_mod", model)  # torch.compile's wrapper compiles lazily: shard what it wraps
-    mesh = init_device_mesh(device.type, (world.world_size,))
     for block in inner.transformer.h:
-        fully_shard(block, mesh=mesh, reshard_after_forward=True)
-    fully_shard(inner, mesh=mesh, reshard_after_forward=False)  # the root's parameters are used again at once
-    inner.no_sync = contextlib.nullcontext
+        fully_shard(block, reshard_after_forward=True, **options)
+    fully_shard(inner, reshard_after_forward=False, **options)  # the root's parameters are used again at once
+
+    @contextlib.contextmanager
+    def no_sync():
+        inner.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            inner.set_requires_gradient_sync(True)
+
+    inner.no_sync = no_sync
     return model
 
 

@@ -253,7 +253,9 @@ def test_fsdp_learns_what_ddp_learns_and_its_checkpoint_resumes_under_ddp_and_on
     run, out = fsdp2
     assert "strategy fsdp" in out and "done: step 6" in out
     reference = losses(ddp2[0])
-    assert_close(losses(run), reference, range(1, 7), tol=5e-4)
+    # Under bf16, FSDP computes with bf16 parameters (MixedPrecisionPolicy) where DDP autocasts fp32 ones: the
+    # same steps, rounded in other places (measured: 6e-4 apart at step 6 of a loss of 10.5).
+    assert_close(losses(run), reference, range(1, 7), tol=2e-3)
     weights = torch.load(run / "checkpoints/step-00000006/model.pt", weights_only=True)
     ddp_weights = torch.load(ddp2[0] / "checkpoints/step-00000006/model.pt", weights_only=True)
     assert weights.keys() == ddp_weights.keys()  # full tensors, plain names, the same file as DDP's
@@ -261,10 +263,10 @@ def test_fsdp_learns_what_ddp_learns_and_its_checkpoint_resumes_under_ddp_and_on
 
     under_ddp = cut_back(run, runs / "fsdp-under-ddp", 4)
     ok(torchrun(*train_args(tiny_data, str(under_ddp), *STEPS)))
-    assert_close(losses(under_ddp), losses(run), (5, 6), tol=5e-4)
+    assert_close(losses(under_ddp), losses(run), (5, 6), tol=2e-3)
     alone = cut_back(run, runs / "fsdp-on-one", 4)
     ok(cli(*train_args(tiny_data, str(alone), *STEPS), env=ENV, timeout=150))
-    assert_close(losses(alone), losses(run), (5, 6), tol=5e-4)
+    assert_close(losses(alone), losses(run), (5, 6), tol=2e-3)
 
 
 def test_ddp_checkpoint_resumes_under_fsdp(ddp2, runs, tiny_data):
