@@ -51,13 +51,17 @@ GCP_KEY_MOUNT := /run/secrets/gcp-credentials.json
 # AWS config and credential files, mounted read-only when the folder exists (AWS_DIR= to skip).
 AWS_DIR ?= $(HOME)/.aws
 AWS_MOUNT := /run/secrets/aws
-# Who the container runs as. A non-root caller: its own uid:gid, so files in RUNS_DIR are the caller's. root:
-# the image's non-root user (uid/gid below, docker/Dockerfile APP_UID/APP_GID); make creates missing host
-# folders owned by it.
+# Who the container runs as: launch/local.py container_user(), the rule `gpt-train-submit --backend docker`
+# follows too (asked with the standard library only, `python3 -m launch.local user`): a non-root caller as
+# itself, so files in RUNS_DIR are the caller's; root as the owner of the working directory (the checkout),
+# who can write the folders mounted from it. Missing RUNS_DIR/CACHE_DIR are created owned by that user.
+# DOCKER_USER= runs the image's own user (uid/gid below, docker/Dockerfile APP_UID/APP_GID).
 IMAGE_UID ?= 1000
 IMAGE_GID ?= 1000
-HOST_UID := $(shell id -u)
-DOCKER_USER ?= $(if $(filter 0,$(HOST_UID)),,$(HOST_UID):$(shell id -g))
+PYTHON ?= python3
+_repo := $(abspath $(dir $(lastword $(MAKEFILE_LIST)))..)
+DOCKER_USER ?= $(or $(shell PYTHONPATH=$(call _q,$(_repo)) $(PYTHON) -m launch.local user),\
+  $(error cannot tell the container's user ($(PYTHON) -m launch.local user): set DOCKER_USER=UID:GID))
 
 # ---- internals ---------------------------------------------------------------------------------------------
 # q: one shell word, single-quoted
@@ -108,10 +112,10 @@ _docker_run = $(DOCKER) run --rm --init \
 # DRY_RUN=1: print the command (exactly the shell line that would run), else run it
 _exec = $(if $(filter 1,$(DRY_RUN)),@printf '%s\n' $(call _q,$(strip $(1))),$(strip $(1)))
 
-# Host folders the container writes: created if missing (as root: owned by the image's user)
+# Host folders the container writes: created if missing (as root: owned by the container's user)
 _mkdirs = $(if $(filter 1,$(DRY_RUN)),@:,@for d in $(call _q,$(call _abs,$(RUNS_DIR))) $(call _q,$(call _abs,$(CACHE_DIR))); do \
-	if [ ! -d "$$d" ]; then mkdir -p "$$d" && if [ "$$(id -u)" = 0 ] && [ -z $(call _q,$(strip $(DOCKER_USER))) ]; then \
-	chown $(call _q,$(IMAGE_UID):$(IMAGE_GID)) "$$d"; fi; fi; done)
+	if [ ! -d "$$d" ]; then mkdir -p "$$d" && if [ "$$(id -u)" = 0 ]; then \
+	chown $(call _q,$(or $(strip $(DOCKER_USER)),$(IMAGE_UID):$(IMAGE_GID))) "$$d"; fi; fi; done)
 
 .PHONY: docker-build docker-push docker-run
 

@@ -79,6 +79,8 @@ def comm_env(socket_ifname: str = "", ib: str = "auto", nccl_debug: str = "", as
 
 _SHELL = r"""# gpt_train_rendezvous: MASTER_ADDR, the allocation's first node (master_address() in Python);
 # MASTER_PORT from the job id, so that two jobs sharing a node differ; OMP_NUM_THREADS, the task's CPUs unless set;
+# SRUN_CPUS_PER_TASK, the same CPUs for srun, which since SLURM 22.05 no longer takes --cpus-per-task from the
+# allocation (without it each rank gets one core: compile workers and the checkpoint thread starve);
 # @DEADLINE@, the job's end time (the trainer stops preemption.deadline_margin_s before it), asked here
 # since a container has no squeue. Then the line that starts each run's output.
 gpt_train_rendezvous() {
@@ -86,6 +88,7 @@ gpt_train_rendezvous() {
   export MASTER_ADDR=${MASTER_ADDR:-$SLURMD_NODENAME}
   export MASTER_PORT=$((@PORT_BASE@ + SLURM_JOB_ID % @PORT_SPAN@))
   export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}
+  if [ -n "${SLURM_CPUS_PER_TASK:-}" ]; then export SRUN_CPUS_PER_TASK=$SLURM_CPUS_PER_TASK; fi
   unset @DEADLINE@
   gpt_train_end=$(squeue -h -j "$SLURM_JOB_ID" -o %e 2>/dev/null)
   case $gpt_train_end in

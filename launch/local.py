@@ -3,6 +3,10 @@ other nodes are printed), or the same inside `docker run` with the project's ima
 
 Without SLURM nothing requeues: a run stopped by a signal checkpoints and exits 75; starting the same command
 again resumes it. --max-restarts becomes torchrun's own (restart the workers of a node after a failure).
+
+`python3 -m launch.local user` prints container_user(): docker/docker.mk asks it, so that `make docker-run` and
+`--backend docker` run the container as the same user by one rule. That needs only the standard library, so
+this module imports the rest of launch (the config, yaml) where it is used.
 """
 
 from __future__ import annotations
@@ -12,10 +16,13 @@ import signal
 import subprocess
 import sys
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from launch.spec import JobSpec, credential_names, passthrough_names, quote
+if TYPE_CHECKING:
+    from launch.spec import JobSpec
 
 FORWARDED = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGHUP)
+INFINIBAND = "/dev/infiniband"  # RDMA devices: a multi-node container gets them when the host has them
 
 
 @dataclass
@@ -42,25 +49,44 @@ def train_command(spec: JobSpec, node: Node, python: str) -> list[str]:
     return argv + ["-m", "gpt_train", *spec.train_args()]
 
 
+def container_user(cwd: str | None = None) -> str:
+    """UID:GID a container runs as: the caller's; for root, the owner of the working directory, so that the run
+    can write the folders mounted from it (the image's user, 1000, cannot write a checkout it does not own) and
+    what it writes belongs to whoever owns the checkout. The one rule for `--backend docker` and, through
+    `python3 -m launch.local user`, for `make docker-run` (docker/docker.mk)."""
+    if os.getuid() != 0:
+        return f"{os.getuid()}:{os.getgid()}"
+    st = os.stat(cwd or os.getcwd())
+    return f"{st.st_uid}:{st.st_gid}"
+
+
 def docker_command(spec: JobSpec, node: Node, image: str, gpus: bool, environ: dict | None = None) -> list[str]:
     """`docker run` of the image's entrypoint (`train CONFIG ...`; it starts torchrun with NPROC_PER_NODE ranks
-    and TORCHRUN_ARGS). The working directory is mounted at the same path, so relative and absolute paths
-    under it (configs, data, a local run_dir) mean the same inside. Credentials go as `-e NAME`: docker copies
-    the value from its own environment, so it never appears on the command line."""
+    and TORCHRUN_ARGS). The working directory, a local run_dir's parent and every local path the config reads
+    (spec.inputs: the config file, data.dir, checkpoint.init_from, model.init_from; read-only) are mounted at
+    the same paths, so relative and absolute paths mean the same inside; one that does not exist here is refused
+    (UserError) before any container starts. Multi-node: the RDMA devices, IPC_LOCK and unlimited locked memory
+    for NCCL over InfiniBand (without them NCCL falls back to TCP without an error). Credentials go as
+    `-e NAME`: docker copies the value from its own environment, so it never appears on the command line."""
+    from gpt_train.errors import UserError
+    from launch.spec import credential_names, mounts, passthrough_names, unmountable
+
     environ = os.environ if environ is None else environ
     cwd = os.getcwd()
+    missing = unmountable(spec, cwd)
+    if missing:
+        raise UserError("--backend docker mounts every local path the run reads, but these are not on this "
+                        f"machine: {'; '.join(missing)}")
     argv = ["docker", "run", "--rm", "--init", "--network=host", "--ipc=host", "--stop-timeout=180"]
     if gpus:
         argv.append("--gpus=all")
-    if os.getuid() != 0:
-        argv.append(f"--user={os.getuid()}:{os.getgid()}")
-    volumes = [cwd]
-    if "://" not in spec.run_dir and not spec.run_dir.startswith(cwd + "/"):
-        volumes.append(os.path.dirname(spec.run_dir))
-    if os.path.isabs(spec.config) and not spec.config.startswith(cwd + "/"):
-        volumes.append(os.path.dirname(spec.config))
-    for v in dict.fromkeys(volumes):
-        argv.append(f"--volume={v}:{v}")
+    argv.append(f"--user={container_user(cwd)}")
+    if spec.nodes > 1:
+        if os.path.exists(INFINIBAND):
+            argv.append(f"--device={INFINIBAND}")
+        argv += ["--cap-add=IPC_LOCK", "--ulimit=memlock=-1"]
+    for path, writable in mounts(spec, cwd):
+        argv.append(f"--volume={path}:{path}" + ("" if writable else ":ro"))
     argv.append(f"--workdir={cwd}")
     argv += [f"--env=NPROC_PER_NODE={spec.ranks_per_node}"]
     if spec.nodes > 1:
@@ -74,6 +100,8 @@ def docker_command(spec: JobSpec, node: Node, image: str, gpus: bool, environ: d
 
 def describe(spec: JobSpec, node: Node, commands: dict[int, list[str]], environ: dict | None = None) -> str:
     """The command of each node, the environment set by value, and the credentials passed by name."""
+    from launch.spec import credential_names, quote
+
     lines = []
     env_prefix = quote([f"{k}={v}" for k, v in spec.env.items()])
     for rank, argv in sorted(commands.items()):
@@ -125,3 +153,9 @@ def run(argv: list[str], env: dict[str, str]) -> int:
 
 def python() -> str:
     return sys.executable
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] != ["user"]:
+        sys.exit("usage: python3 -m launch.local user   (prints the UID:GID a container runs as)")
+    print(container_user())

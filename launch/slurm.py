@@ -32,6 +32,7 @@ import submitit
 from submitit.helpers import Checkpointable
 
 from gpt_train import protocol
+from launch import spec as specs
 from launch.spec import JobSpec, job_python
 
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE",
@@ -140,22 +141,31 @@ def executor_parameters(spec: JobSpec, res: Resources) -> dict:
     return params
 
 
+CACHE = "/cache"  # the image's caches (docker/Dockerfile): torch.compile and Triton kernels, HF, wandb
+
+
 def mounts(spec: JobSpec, res: Resources) -> str:
-    """Folders a container must see: the working directory, the logs (submitit's pickles) and a local run_dir."""
+    """Binds of a container (pyxis --container-mounts, apptainer --bind): --container-mounts, else the working
+    directory, the logs (submitit's pickles), a local run_dir's parent and the local paths the config reads that
+    exist here (read-only; launch.spec.mounts); then, unless those bind /cache already, cache_dir() onto /cache."""
     if res.container_mounts:
-        return res.container_mounts
-    paths = [os.getcwd(), log_dir(spec, res)]
-    if "://" not in spec.run_dir:
-        paths.append(os.path.dirname(spec.run_dir))
-    keep: list[str] = []
-    for p in sorted(set(paths), key=len):
-        if not any(p == k or p.startswith(k.rstrip("/") + "/") for k in keep):
-            keep.append(p)
-    return ",".join(f"{p}:{p}" for p in keep)
+        binds = [b for b in res.container_mounts.split(",") if b]
+    else:
+        binds = [f"{p}:{p}" + ("" if rw else ":ro") for p, rw in specs.mounts(spec, os.getcwd(), (log_dir(spec, res),))]
+    if not any(b.split(":")[1:2] in ([CACHE], [CACHE + "/"]) for b in binds):
+        binds.append(f"{cache_dir(spec, res)}:{CACHE}")
+    return ",".join(binds)
 
 
 def log_dir(spec: JobSpec, res: Resources) -> str:
     return os.path.abspath(res.log_dir or os.path.join("logs", spec.job_name))
+
+
+def cache_dir(spec: JobSpec, res: Resources) -> str:
+    """The host folder bound onto the image's /cache: an Apptainer image is read-only (an enroot one unless made
+    writable), and torch.compile writes its kernels there at the first step. LOG_DIR/cache, kept across
+    requeues and resubmissions of the run; slurm/pretrain.sbatch binds logs/JOB_NAME/cache, the same folder."""
+    return os.path.join(log_dir(spec, res), "cache")
 
 
 def python_command(spec: JobSpec, res: Resources) -> str:
@@ -179,6 +189,8 @@ def setup_lines(spec: JobSpec, res: Resources) -> list[str]:
         *protocol.shell_text().splitlines(),
         "gpt_train_rendezvous",
     ]
+    if (res.apptainer or res.container_image) and f"{cache_dir(spec, res)}:{CACHE}" in mounts(spec, res).split(","):
+        lines.append(f"mkdir -p {shlex.quote(cache_dir(spec, res))}  # bound onto the image's {CACHE}, writable")
     return lines + [f"export {k}={shlex.quote(v)}" for k, v in spec.env.items()]
 
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from gpt_train import protocol
-from gpt_train.config import load_config, parse_overrides, resolve_config_path, resolve_key, validate
+from gpt_train.config import Config, load_config, parse_overrides, resolve_config_path, resolve_key, validate
 from gpt_train.errors import ConfigError
 
 # Passed by name only. A name matches when it is listed or ends like a secret.
@@ -68,6 +68,7 @@ class JobSpec:
     nodes: int = 1
     ranks_per_node: int = 1
     env: dict[str, str] = field(default_factory=dict)  # set by value in every rank's environment
+    inputs: dict[str, str] = field(default_factory=dict)  # local paths the run reads: what -> absolute path
 
     @property
     def world_size(self) -> int:
@@ -111,7 +112,58 @@ def build(config: str, overrides: list[str], *, nodes: int, ranks_per_node: int,
         final = os.path.abspath(final.removeprefix("file://"))
     kept = [o for o, (k, _) in zip(user_overrides, parse_overrides(user_overrides)) if resolve_key(k) != "run_dir"]
     return JobSpec(config=config_arg, config_path=str(path.resolve()), overrides=kept + [f"run_dir={final}"],
-                   run_dir=final, job_name=name, nodes=nodes, ranks_per_node=ranks_per_node, env=dict(env or {}))
+                   run_dir=final, job_name=name, nodes=nodes, ranks_per_node=ranks_per_node, env=dict(env or {}),
+                   inputs=local_inputs(config_arg, cfg))
+
+
+def local_inputs(config_arg: str, cfg: Config) -> dict[str, str]:
+    """Every local path the run reads, absolute, by what it is: the config file (a preset is inside the package),
+    data.dir, checkpoint.init_from and model.init_from. Relative paths are the job's working directory's, as in
+    the trainer. Left out: URLs, and the default preset's data folder while it holds no prepared data, since the
+    trainer prepares the bundled corpus there on first use (gpt_train.prepare.ensure_bundled)."""
+    found = {"config": config_arg} if os.path.isabs(config_arg) else {}
+    for key, value in (("data.dir", cfg.data.dir), ("checkpoint.init_from", cfg.checkpoint.init_from),
+                       ("model.init_from", cfg.model.init_from)):
+        if value and is_local(value):
+            found[key] = os.path.abspath(value.removeprefix("file://"))
+    data = found.get("data.dir")
+    if data and not os.path.exists(data) and Path(data).resolve() == Path(load_config("default").data.dir).resolve():
+        del found["data.dir"]
+    return found
+
+
+def _within(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip("/") + "/")
+
+
+def mounts(spec: JobSpec, cwd: str, writable: tuple[str, ...] = ()) -> list[tuple[str, bool]]:
+    """The host folders a container of this job sees at the same paths, as (path, writable): the working
+    directory, the launcher's own `writable` folders, a local run_dir's parent (the run directory is made in it),
+    and every local input that exists, read-only (a config file: its folder, where what it extends lies). A
+    folder inside one already given is left out, unless it must be writable and that one is read-only."""
+    modes = {os.path.normpath(p): True for p in (cwd, *writable)}
+    if is_local(spec.run_dir):
+        modes[os.path.normpath(os.path.dirname(spec.run_dir.removeprefix("file://")))] = True
+    for what, path in spec.inputs.items():
+        if os.path.exists(path):
+            modes.setdefault(os.path.normpath(os.path.dirname(path) if what == "config" else path), False)
+    keep: list[tuple[str, bool]] = []
+    for path in sorted(modes, key=lambda p: (len(p), p)):
+        if not any(_within(path, k) and (k_rw or not modes[path]) for k, k_rw in keep):
+            keep.append((path, modes[path]))
+    return keep
+
+
+def unmountable(spec: JobSpec, cwd: str) -> list[str]:
+    """What a container of this job could not be given, "what path" each: a local input that does not exist on
+    this machine, and a folder to mount that does not (a run_dir's parent outside the working directory: docker
+    would create it owned by root)."""
+    out = [f"{what} {path}" for what, path in spec.inputs.items() if not os.path.exists(path)]
+    if is_local(spec.run_dir):
+        parent = os.path.dirname(spec.run_dir.removeprefix("file://"))
+        if not _within(os.path.normpath(parent), os.path.normpath(cwd)) and not os.path.isdir(parent):
+            out.append(f"run_dir's parent {parent}")
+    return out
 
 
 def quote(argv: list[str]) -> str:

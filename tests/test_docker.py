@@ -101,6 +101,8 @@ def test_make_docker_run_trains_offline_as_non_root_and_resumes(docker_engine, i
     runs, cache = tmp_path / "runs", tmp_path / "cache"
     common = ["docker-run", "GPUS=0", f"IMAGE={IMAGE}", f"TAG={TAG}", f"RUNS_DIR={runs}", f"CACHE_DIR={cache}",
               "DATA_DIR=", "NETWORK=none"]   # no data mount: the corpus baked into the image; no network at all
+    if os.geteuid() == 0:   # root's would run as the checkout's owner (root here): the image's own user instead
+        common.append("DOCKER_USER=")
     first = make(*common, f"ARGS=train.max_steps=2 {TINY}", env=docker_engine.env)
     assert first.returncode == 0, output(first)
     log = first.stdout + first.stderr
@@ -265,10 +267,9 @@ def test_docker_run_dry_run_flags(dry_env, gpus, device, nproc):
     assert f"{REPO}/configs:/app/configs:ro" in mounts
     assert flag_values(argv, "--network") == ["host"] and flag_values(argv, "--stop-timeout") == ["180"]
     assert argv[-4:] == ["registry.example/gpt-train:v1", "gpt2", "train.max_steps=10", "optim.lr=3e-4"]
-    if os.geteuid() == 0:   # root's runs as the image's non-root user; anyone else as themselves
-        assert not flag_values(argv, "--user")
-    else:
-        assert flag_values(argv, "--user") == [f"{os.getuid()}:{os.getgid()}"]
+    # anyone runs as themselves; root as the owner of the working directory (launch/local.py container_user)
+    owner = REPO.stat() if os.geteuid() == 0 else None
+    assert flag_values(argv, "--user") == [f"{owner.st_uid}:{owner.st_gid}" if owner else f"{os.getuid()}:{os.getgid()}"]
 
 
 def test_docker_run_dry_run_options(dry_env, tmp_path):
@@ -286,6 +287,30 @@ def test_docker_run_dry_run_options(dry_env, tmp_path):
     assert "WANDB_API_KEY" not in flag_values(argv, "-e") and "NCCL_DEBUG" not in flag_values(argv, "-e")
     if not (REPO / "data" / "moby-dick").exists():
         assert not any(":/app/data/" in v for v in flag_values(argv, "-v"))
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root: a checkout owned by another user")
+def test_root_runs_the_container_as_the_owner_of_the_checkout(dry_env, tmp_path):
+    """As root in a checkout owned by someone else, `make docker-run` runs the container as that owner (the image's
+    user could not write the checkout's runs/ and .cache/), by the rule `gpt-train-submit --backend docker` uses
+    (launch/local.py container_user(), asked with the standard library only: the copy has no gpt_train), and
+    makes missing RUNS_DIR/CACHE_DIR owned by that user. DOCKER_USER= still gives the image's own user."""
+    src = tmp_path / "checkout"
+    src.mkdir()
+    for name in ("Makefile", "docker", "launch"):
+        (shutil.copytree if (REPO / name).is_dir() else shutil.copy2)(REPO / name, src / name)
+    os.chown(src, 4321, 4322)
+    p = make("docker-run", "DRY_RUN=1", "GPUS=0", cwd=src, env=dry_env)
+    assert p.returncode == 0, output(p)
+    assert flag_values(shlex.split(p.stdout), "--user") == ["4321:4322"]
+    p = make("docker-run", "DRY_RUN=1", "GPUS=0", "DOCKER_USER=", cwd=src, env=dry_env)
+    assert p.returncode == 0 and not flag_values(shlex.split(p.stdout), "--user"), output(p)
+    fake = tmp_path / "docker"
+    fake.write_text("#!/bin/sh\nexit 0\n")
+    fake.chmod(0o755)
+    p = make("docker-run", "GPUS=0", f"DOCKER={fake}", cwd=src, env=dry_env)
+    assert p.returncode == 0, output(p)
+    assert {((src / d).stat().st_uid, (src / d).stat().st_gid) for d in ("runs", ".cache")} == {(4321, 4322)}
 
 
 def test_docker_run_rejects_a_bad_gpus_value(dry_env):

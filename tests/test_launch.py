@@ -16,7 +16,7 @@ import pytest
 
 from gpt_train import protocol
 from helpers import REPO, TINY, read_metrics, tiny_data  # noqa: F401
-from launch import submit
+from launch import local, submit
 from launch.slurm import Trainer, parse_time
 
 SECRET = "s3cr3t-Value-that-must-not-leak"
@@ -120,11 +120,33 @@ def test_containers_pyxis_and_apptainer(capsys, tmp_path, monkeypatch):
     out = dry(capsys, "--gpus", "4", "--gpu", "--apptainer", "/images/gpt train.sif", "--container-mounts",
               "/data:/data", "gpt2")
     srun = next(ln for ln in script_of(out).splitlines() if ln.startswith("srun "))
-    assert "apptainer exec --nv --bind /data:/data '/images/gpt train.sif' python3 -u -m submitit.core._submit" in srun
+    assert (f"apptainer exec --nv --bind /data:/data,{tmp_path}/logs/gpt2/cache:/cache '/images/gpt train.sif' "
+            "python3 -u -m submitit.core._submit") in srun
     assert "container-image" not in srun
 
     rc = submit.main(["--backend", "slurm", "--container-image", "a", "--apptainer", "b", "gpt2", "--dry-run"])
     assert rc == 2 and "not both" in capsys.readouterr().err
+
+
+def test_containers_on_slurm_get_a_writable_cache_and_the_data(capsys, tmp_path, monkeypatch):
+    """An Apptainer image is read-only, and torch.compile writes its kernels under the image's /cache at the
+    first step: the job binds LOG_DIR/cache there, made by the batch shell before srun (slurm/pretrain.sbatch
+    binds the same folder, tests/test_protocol.py), unless the given mounts bind /cache. A data.dir outside the
+    working directory is bound read-only."""
+    work, data = tmp_path / "work", tmp_path / "datasets"
+    work.mkdir()
+    data.mkdir()
+    monkeypatch.chdir(work)
+    cache = work / "logs" / "gpt2" / "cache"
+    for flag in ("--apptainer", "--container-image"):
+        script = script_of(dry(capsys, "--gpus", "4", "--gpu", flag, "/images/gpt.sif", "gpt2", f"data.dir={data}"))
+        srun = next(ln for ln in script.splitlines() if ln.startswith("srun "))
+        binds = f"{work}:{work},{data}:{data}:ro,{cache}:/cache"
+        assert (f"--bind {binds} /images/gpt.sif" if flag == "--apptainer" else f"--container-mounts={binds}") in srun
+        assert f"mkdir -p {cache}" in script.split(srun)[0]  # by the batch shell, before srun
+    script = script_of(dry(capsys, "--gpus", "4", "--gpu", "--apptainer", "/i.sif", "--container-mounts",
+                           "/data:/data,/scratch/kernels:/cache", "gpt2"))
+    assert "--bind /data:/data,/scratch/kernels:/cache /i.sif" in script and str(cache) not in script
 
 
 def test_sbatch_script_is_valid_and_documents_its_variables():
@@ -196,6 +218,7 @@ def test_every_override_reaches_the_job_quoted(capsys, tmp_path, monkeypatch, va
 
 def test_credentials_are_passed_by_name_never_by_value(capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
+    (tmp_path / "data" / "openwebtext").mkdir(parents=True)  # gpt2's data.dir: docker mounts it, so it must exist
     for name in ("WANDB_API_KEY", "AWS_SECRET_ACCESS_KEY", "GOOGLE_APPLICATION_CREDENTIALS", "HF_TOKEN"):
         monkeypatch.setenv(name, SECRET)
     monkeypatch.setenv("WANDB_MODE", "offline")
@@ -229,9 +252,83 @@ def test_local_multi_node_prints_every_node_command(capsys, tmp_path, monkeypatc
         assert argv[-4:] == ["gpt_train", "train", "gpt2", f"run_dir={tmp_path}/runs/gpt2"]
     rc = submit.main(["--backend", "local", "--nodes", "2", "gpt2", "--dry-run"])
     assert rc == 2 and "--master-addr" in capsys.readouterr().err
+    (tmp_path / "data" / "openwebtext").mkdir(parents=True)
     out = dry(capsys, "--backend", "docker", "--nodes", "2", "--gpus", "4", "--master-addr", "10.0.0.1", "gpt2")
     docker = [shlex.split(ln) for ln in out.splitlines() if ln.startswith("docker run")]
     assert "--env=TORCHRUN_ARGS=--nnodes=2 --node-rank=1 --master-addr=10.0.0.1 --master-port=29500" in docker[1]
+
+
+# -- docker backend: who runs, what it sees ------------------------------------------------------------------------
+
+def docker_argv(out: str) -> list[list[str]]:
+    return [shlex.split(ln) for ln in out.splitlines() if ln.startswith("docker run")]
+
+
+def test_docker_runs_as_the_owner_of_the_working_directory(capsys, tmp_path, monkeypatch):
+    """Root's container runs as the owner of the working directory, who can write what is mounted from it (the
+    image's user, 1000, cannot write a checkout it does not own); anyone else's as themselves. `make docker-run`
+    asks the same function (tests/test_docker.py)."""
+    work = tmp_path / "checkout"
+    work.mkdir()
+    if os.getuid() == 0:
+        os.chown(work, 4321, 4322)
+        want = "4321:4322"
+    else:
+        want = f"{os.getuid()}:{os.getgid()}"
+    monkeypatch.chdir(work)
+    argv = docker_argv(dry(capsys, "--backend", "docker", "--cpu", "default"))[0]
+    assert [a for a in argv if a.startswith("--user")] == [f"--user={want}"]
+    assert local.container_user(str(work)) == want
+
+
+def test_docker_mounts_every_local_path_the_run_reads(capsys, tmp_path, monkeypatch):
+    """The config file, data.dir, model.init_from, checkpoint.init_from (read-only) and the run_dir's parent are
+    mounted at their own paths; one that does not exist is refused in one line, before any container starts."""
+    work = tmp_path / "repo"
+    (work / "data" / "local").mkdir(parents=True)
+    monkeypatch.chdir(work)
+    data, hf, ckpt, scratch = (tmp_path / "datasets" / "owt", tmp_path / "hf" / "gpt2", tmp_path / "old-run",
+                               tmp_path / "scratch")
+    for d in (data, hf, ckpt, scratch):
+        d.mkdir(parents=True)
+    conf = tmp_path / "configs" / "exp.yaml"
+    conf.parent.mkdir()
+    conf.write_text("extends: default\n")
+    out = dry(capsys, "--backend", "docker", "--cpu", "--run-dir", str(scratch / "exp"), str(conf),
+              f"data.dir={data}", f"model.init_from={hf}", f"checkpoint.init_from=file://{ckpt}")
+    volumes = [a.removeprefix("--volume=") for a in docker_argv(out)[0] if a.startswith("--volume=")]
+    assert sorted(volumes) == sorted([f"{work}:{work}", f"{scratch}:{scratch}", f"{data}:{data}:ro",
+                                      f"{hf}:{hf}:ro", f"{ckpt}:{ckpt}:ro", f"{conf.parent}:{conf.parent}:ro"])
+    out = dry(capsys, "--backend", "docker", "--cpu", "default", "data.dir=data/local")  # under the working dir
+    assert [a for a in docker_argv(out)[0] if a.startswith("--volume=")] == [f"--volume={work}:{work}"]
+    dry(capsys, "--backend", "docker", "--cpu", "default")  # the default data: the trainer prepares it in there
+
+    for args, what in (([f"data.dir={tmp_path}/nope"], f"data.dir {tmp_path}/nope"),
+                       (["data.dir=data/missing"], f"data.dir {work}/data/missing"),
+                       ([f"model.init_from={tmp_path}/no-hf"], f"model.init_from {tmp_path}/no-hf"),
+                       ([f"checkpoint.init_from={tmp_path}/no-run"], f"checkpoint.init_from {tmp_path}/no-run"),
+                       (["--run-dir", f"{tmp_path}/no/such/run"], f"run_dir's parent {tmp_path}/no/such")):
+        rc = submit.main(["--backend", "docker", "--cpu", "default", *args, "--dry-run"])
+        out, err = capsys.readouterr()
+        assert rc == 2 and out == "" and what in err and len(err.strip().splitlines()) == 1, (args, out, err)
+
+
+def test_multi_node_docker_gets_the_rdma_devices_and_locked_memory(capsys, tmp_path, monkeypatch):
+    """Without /dev/infiniband, IPC_LOCK and unlimited memlock NCCL silently falls back to TCP across nodes."""
+    monkeypatch.chdir(tmp_path)
+    ib = tmp_path / "infiniband"
+    ib.mkdir()
+    monkeypatch.setattr(local, "INFINIBAND", str(ib))
+    multi = ("--backend", "docker", "--gpu", "--nodes", "2", "--gpus", "4", "--master-addr", "10.0.0.1", "default")
+    commands = docker_argv(dry(capsys, *multi))
+    assert len(commands) == 2
+    for argv in commands:
+        assert {f"--device={ib}", "--cap-add=IPC_LOCK", "--ulimit=memlock=-1"} <= set(argv)
+    ib.rmdir()  # a host without InfiniBand: no device to pass
+    argv = docker_argv(dry(capsys, *multi))[0]
+    assert "--cap-add=IPC_LOCK" in argv and not any(a.startswith("--device") for a in argv)
+    argv = docker_argv(dry(capsys, "--backend", "docker", "--gpu", "--gpus", "4", "default"))[0]
+    assert not any(a.startswith(("--device", "--cap-add", "--ulimit")) for a in argv)
 
 
 def test_backend_defaults_to_slurm_only_where_sbatch_exists(monkeypatch, tmp_path):

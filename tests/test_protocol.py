@@ -155,3 +155,60 @@ def test_requeue_decision(tmp_path, script, row):
     else:
         assert f"gpt-train: {row.why}, but the job was restarted {CAP} times" in p.stdout, out
         assert "not requeueing" in p.stdout, out
+
+
+# -- what srun and the containers get ------------------------------------------------------------------------
+
+def record_srun_env(tmp_path, *names: str) -> None:
+    """The srun stub also writes NAME=value (or NAME unset) for each of NAMES to tmp_path/srun-env."""
+    srun = tmp_path / "bin" / "srun"
+    lines = "".join(f'if [ -n "${{{n}+x}}" ]; then echo "{n}=${n}"; else echo "{n} unset"; fi >> {tmp_path / "srun-env"}\n'
+                    for n in names)
+    srun.write_text(srun.read_text().replace("#!/bin/bash\n", "#!/bin/bash\n" + lines, 1))
+
+
+@pytest.mark.parametrize("cpus", ["8", None])
+@pytest.mark.parametrize("script", ["sbatch", "submitit"])
+def test_srun_gets_the_tasks_cpus(tmp_path, script, cpus):
+    """Since SLURM 22.05 srun does not inherit --cpus-per-task: both batch shells pass SLURM_CPUS_PER_TASK on as
+    SRUN_CPUS_PER_TASK, so that a rank gets its CPUs and not one core while OMP_NUM_THREADS says 8."""
+    row = ROWS[0]
+    env = {k: v for k, v in stubs(tmp_path, row).items()
+           if k not in ("SRUN_CPUS_PER_TASK", "SLURM_CPUS_PER_TASK", "OMP_NUM_THREADS")}
+    if cpus:
+        env["SLURM_CPUS_PER_TASK"] = cpus
+    record_srun_env(tmp_path, "SRUN_CPUS_PER_TASK", "OMP_NUM_THREADS")
+    p = (run_sbatch if script == "sbatch" else run_submitit)(tmp_path, row, env)
+    assert p.returncode == 0, p.stdout + p.stderr
+    seen = (tmp_path / "srun-env").read_text().splitlines()
+    assert seen == ([f"SRUN_CPUS_PER_TASK={cpus}", f"OMP_NUM_THREADS={cpus}"] if cpus
+                    else ["SRUN_CPUS_PER_TASK unset", "OMP_NUM_THREADS=1"])
+
+
+@pytest.mark.parametrize("kind", ["APPTAINER_IMAGE", "CONTAINER_IMAGE"])
+def test_sbatch_binds_a_writable_cache_into_the_container(tmp_path, kind):
+    """An Apptainer image is read-only, and torch.compile writes its kernels under the image's /cache at the first
+    step: slurm/pretrain.sbatch binds logs/JOB_NAME/cache of the submission folder there (made by the batch
+    shell), as launch/slurm.py does (tests/test_launch.py), unless CONTAINER_MOUNTS binds /cache itself."""
+    row = ROWS[0]
+    work = tmp_path / "work"
+    work.mkdir()
+    env = {**stubs(tmp_path, row), kind: "/images/gpt.sif", "SLURM_JOB_NAME": "exp 1", "MAX_RESTARTS": "3"}
+    env.pop("CONTAINER_MOUNTS", None)
+    env.pop("CONTAINER_CACHE", None)
+    p = subprocess.run(["bash", str(SBATCH), "gpt2"], env=env, cwd=work, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stdout + p.stderr
+    args = (tmp_path / "srun-args").read_text().splitlines()
+    cache = work / "logs" / "exp 1" / "cache"
+    binds = f"{work}:{work},{cache}:/cache"
+    if kind == "APPTAINER_IMAGE":
+        assert args[args.index("--bind") + 1] == binds and args[args.index("--bind") + 2] == "/images/gpt.sif"
+    else:
+        assert f"--container-mounts={binds}" in args
+    assert cache.is_dir()
+    (tmp_path / "srun-args").unlink()
+    env["CONTAINER_MOUNTS"] = f"{work}:{work},/scratch/kernels:/cache"
+    p = subprocess.run(["bash", str(SBATCH), "gpt2"], env=env, cwd=work, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert env["CONTAINER_MOUNTS"] in "\n".join((tmp_path / "srun-args").read_text().splitlines())
+    assert "logs/exp 1/cache:/cache" not in (tmp_path / "srun-args").read_text()
