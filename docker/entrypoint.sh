@@ -8,7 +8,9 @@
 #   docker run IMAGE bash | python3 ... | nvidia-smi      any program on PATH
 #
 # Training uses every GPU the container sees: `torchrun --nproc-per-node=<GPUs>`, one process per GPU. Without a
-# GPU it is one plain process, no torchrun. Environment:
+# GPU it is one plain process, no torchrun. GPUs counted as the ranks will use them (torch's CUDA); GPUs that are
+# there (device nodes, nvidia-smi) but that CUDA cannot use (a driver older than the image's CUDA) stop it with
+# the reason; with train.device=cpu among the arguments it trains in one process on the CPU. Environment:
 #   NPROC_PER_NODE   processes per node instead of the GPU count (on CPU too: N gloo processes under torchrun)
 #   TORCHRUN_ARGS    extra torchrun arguments, split on spaces, e.g. for two nodes:
 #                    "--nnodes=2 --node-rank=0 --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 --rdzv-id=JOB"
@@ -29,14 +31,35 @@ launch() {
   exec "$@"
 }
 
-# GPUs this process may use: torch's count honours --gpus, NVIDIA_VISIBLE_DEVICES and CUDA_VISIBLE_DEVICES (and
-# SLURM's binding). No NVIDIA device node means no GPU, without paying for importing torch.
+# GPUs the ranks will use: torch's CUDA count, which honours --gpus, NVIDIA_VISIBLE_DEVICES and
+# CUDA_VISIBLE_DEVICES (and SLURM's binding), asked the way the ranks ask (gpt_train.distributed), so that the two
+# agree: GPUs that NVML (nvidia-smi) or the device nodes show but that CUDA cannot start on fail here, loudly, and
+# never become zero GPUs and a run on the CPU. No NVIDIA device node, no nvidia-smi and no CUDA_VISIBLE_DEVICES
+# mean no GPU, without paying for importing torch.
 gpu_count() {
-  if ! compgen -G '/dev/nvidia[0-9]*' >/dev/null && ! command -v nvidia-smi >/dev/null 2>&1; then
+  if ! compgen -G '/dev/nvidia[0-9]*' >/dev/null && ! command -v nvidia-smi >/dev/null 2>&1 \
+      && [ -z "${CUDA_VISIBLE_DEVICES:-}" ]; then
     echo 0
     return
   fi
-  "$PYTHON" -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0
+  "$PYTHON" -c 'import sys
+from gpt_train.distributed import cuda_device_count
+from gpt_train.errors import UserError
+try:
+    print(cuda_device_count())
+except UserError as e:
+    sys.exit(f"gpt-train-entrypoint: {e}")'
+}
+
+# True when the arguments ask for the CPU: train.device=cpu (or its short form device=cpu).
+wants_cpu() {
+  local arg
+  for arg in "$@"; do
+    case $arg in
+      train.device=cpu | device=cpu) return 0 ;;
+    esac
+  done
+  return 1
 }
 
 # gpt-train's own commands (train, prepare, generate, export, ...), read from its CLI.
@@ -56,8 +79,11 @@ if [ -n "${NPROC_PER_NODE:-}" ]; then
   [[ "$NPROC_PER_NODE" =~ ^[1-9][0-9]*$ ]] || { say "NPROC_PER_NODE must be a positive integer, got '$NPROC_PER_NODE'"; exit 2; }
   procs=$NPROC_PER_NODE
   why="NPROC_PER_NODE=$procs"
+elif wants_cpu "$@"; then
+  procs=0
+  why="train.device=cpu"
 else
-  procs=$(gpu_count)
+  procs=$(gpu_count) || exit 1
   why="$procs visible GPU(s)"
 fi
 extra=()
@@ -66,7 +92,11 @@ if [ -n "${TORCHRUN_ARGS:-}" ]; then
 fi
 
 if [ "$procs" -eq 0 ] && [ ${#extra[@]} -eq 0 ]; then
-  say "no GPU visible: training in one process on CPU"
+  if [ "$why" = train.device=cpu ]; then
+    say "train.device=cpu: training in one process on CPU"
+  else
+    say "no GPU visible: training in one process on CPU"
+  fi
   launch "$PYTHON" -m gpt_train train "$@"
 fi
 [ "$procs" -gt 0 ] || procs=1

@@ -10,9 +10,14 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import fcntl
+import glob
 import ipaddress
 import os
+import re
+import shutil
 import socket
+import subprocess
 import sys
 import tempfile
 import time
@@ -79,19 +84,167 @@ def detect_world(env: dict[str, str] | None = None) -> World:
     return World()
 
 
+NVIDIA_DEVICE_NODES = "/dev/nvidia[0-9]*"  # one per GPU (not nvidiactl, nvidia-uvm): what --gpus/--device pass in
+HIDDEN = {"", "-1", "none", "nodevfiles"}  # CUDA_VISIBLE_DEVICES values that hide every GPU on purpose
+
+
+def gpus_present(environ: dict[str, str] | None = None) -> str:
+    """What says that this process was given NVIDIA GPUs, whatever CUDA makes of them; "" when nothing does.
+
+    CUDA_VISIBLE_DEVICES set to hide them all ("", -1, NoDevFiles) means none, on purpose. Otherwise, in order:
+    GPU device nodes (/dev/nvidia0, ...), CUDA_VISIBLE_DEVICES naming devices, `nvidia-smi -L` (NVML) listing
+    GPUs. torch.cuda.is_available() says False both without GPUs and when CUDA cannot start (a driver older than
+    the CUDA that torch is built for, a CPU-only torch): this tells the two apart."""
+    environ = os.environ if environ is None else environ
+    visible = environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None and visible.strip().lower() in HIDDEN:
+        return ""
+    nodes = sorted(glob.glob(NVIDIA_DEVICE_NODES))
+    if nodes:
+        return "device node(s) " + ", ".join(nodes[:4]) + (", ..." if len(nodes) > 4 else "")
+    if visible:
+        return f"CUDA_VISIBLE_DEVICES={visible}"
+    smi = shutil.which("nvidia-smi", path=environ.get("PATH"))
+    if smi:
+        try:
+            listed = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=30).stdout
+        except (OSError, subprocess.SubprocessError):
+            return ""
+        gpus = [line for line in listed.splitlines() if line.startswith("GPU ")]
+        if gpus:
+            return f"nvidia-smi lists {len(gpus)} GPU(s)"
+    return ""
+
+
+def cuda_unusable(what: str, present: str) -> str:
+    """The message for GPUs that are there (`present`, from gpus_present) but that CUDA cannot use: why, and
+    what to do about it."""
+    try:
+        torch.cuda.init()
+        reason = "torch.cuda.is_available() is False"
+    except Exception as e:  # whatever CUDA's initialization says is the reason to show
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    if torch.version.cuda:
+        build = (f"torch {torch.__version__} is built for CUDA {torch.version.cuda}; a driver older than that CUDA "
+                 "cannot start it (nvidia-smi shows the newest CUDA the driver supports): update the driver, "
+                 "or install a torch built for the driver's CUDA")
+    elif getattr(torch.version, "hip", None):
+        build = f"torch {torch.__version__} is built for ROCm {torch.version.hip}, not CUDA: install a CUDA build"
+    else:
+        build = (f"torch {torch.__version__} is a CPU-only build (torch.version.cuda is None): "
+                 "install a CUDA build of torch")
+    return (f"{what}, and this machine has GPUs ({present}) but CUDA cannot use them: {reason}. {build}. "
+            "To train on the CPU anyway, set train.device=cpu (--device cpu for the one-process commands).")
+
+
+def cuda_device_count() -> int:
+    """How many GPUs the ranks of this machine will use: torch's CUDA count (it honours CUDA_VISIBLE_DEVICES and
+    SLURM's binding), 0 without GPUs, and a UserError for GPUs that CUDA cannot use, as in pick_device. The
+    Docker entrypoint starts this many ranks, so that it never starts them on GPUs the ranks cannot use."""
+    if torch.cuda.is_available():
+        return torch.cuda.device_count()
+    present = gpus_present()
+    if present:
+        raise UserError(cuda_unusable("torch.cuda.device_count() is 0", present))
+    return 0
+
+
+_CLAIMED: dict[str, tuple[int, object]] = {}  # job -> (index, the open lock file that holds that GPU)
+
+
+def _gpu_identity(index: int) -> str:
+    """The same string for one GPU in every process of the node, whatever CUDA_VISIBLE_DEVICES each one has."""
+    props = torch.cuda.get_device_properties(index)
+    uuid = getattr(props, "uuid", None)
+    if uuid:
+        return str(uuid)
+    if hasattr(props, "pci_bus_id"):
+        return f"pci-{props.pci_domain_id:04x}-{props.pci_bus_id:02x}-{props.pci_device_id:02x}"
+    visible = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
+    return visible[index] if index < len(visible) else str(index)
+
+
+def _job_key(world: World) -> str:
+    """This job step, the same for all its ranks on the node: ranks of another job, or another step of this one
+    (a `gpt-train env` next to the training), never compete with it for a GPU."""
+    if "SLURM_JOB_ID" in os.environ:
+        key = f"slurm-{os.environ['SLURM_JOB_ID']}.{os.environ.get('SLURM_STEP_ID', '')}"
+    else:
+        key = os.environ.get("TORCHELASTIC_RUN_ID") or f"{world.master_addr}-{world.master_port}"
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", key)
+
+
+def _claim_gpu(world: World, count: int) -> int:
+    """One of the `count` GPUs this task sees that no other rank of its job on this node holds, by a lock file
+    per GPU (flock: the kernel lets go when the process ends, however it ends). local_rank % count is tried
+    first, then the next ones."""
+    job = _job_key(world)
+    if job in _CLAIMED:  # this process already holds one (pick_device called again)
+        return _CLAIMED[job][0]
+    first = world.local_rank % count
+    prefix = os.path.join(tempfile.gettempdir(), f"gpt-train-{os.getuid()}-{job}-gpu-")
+    for step in range(count):
+        index = (first + step) % count
+        path = prefix + re.sub(r"[^A-Za-z0-9_.-]", "_", _gpu_identity(index)) + ".lock"
+        try:
+            lock = open(path, "a")  # held open for the life of the process
+        except OSError:
+            return first  # no place for locks: the first choice (NCCL stops on two ranks sharing a GPU)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            lock.close()
+            continue
+        _CLAIMED[job] = (index, lock)
+        return index
+    raise UserError(f"local rank {world.local_rank}: all {count} GPU(s) it sees are taken by other ranks of this job "
+                    f"on this node ({world.local_world_size} local ranks): give every rank a GPU of its own "
+                    "(srun --gpus-per-task=1, or as many GPUs per node as tasks per node)")
+
+
+def cuda_index(world: World, count: int) -> int:
+    """Which of the `count` GPUs this process sees is its own. The rule:
+
+    - count == 1: GPU 0. One GPU per task: srun --gpus-per-task=1, a binding that gives each task one GPU, or a
+      single-GPU machine.
+    - count >= local_world_size: GPU local_rank. Every rank sees all the node's GPUs (torchrun, srun without a
+      binding) or a subset at least as large as the node's task count.
+    - 1 < count < local_world_size, under torchrun or alone: an error. torchrun does not split GPUs between
+      its ranks, so every local rank sees the same `count` GPUs: there are too few.
+    - 1 < count < local_world_size otherwise (srun with --gpu-bind=closest, --gpus-per-task=k, or any binding
+      that gives several tasks the same subset of k GPUs): the task claims a GPU of its subset that no other
+      rank of this job on the node holds (a lock file per GPU), trying local_rank % count first. That first
+      choice alone is right when the tasks that share a subset are consecutive local ranks (`-m *:block`), but
+      SLURM's default distribution, block:cyclic, deals tasks to the sockets in turn: with closest binding on 2
+      sockets of 4 GPUs, local ranks 0, 2, 4, 6 share GPUs 0-3, and local_rank % 4 would put ranks 0 and 4 on
+      the same one. More tasks in a subset than GPUs in it is an error, naming the rank.
+    """
+    if count == 1:
+        return 0
+    if count >= world.local_world_size:
+        return world.local_rank
+    if world.launcher in ("torchrun", "single"):
+        raise UserError(f"local rank {world.local_rank} has no GPU: {count} visible on this node "
+                        f"for {world.local_world_size} local rank(s)")
+    return _claim_gpu(world, count)
+
+
 def pick_device(requested: str, world: World) -> torch.device:
-    """One device per local rank. A task that sees a single GPU (srun --gpus-per-task=1, or a GPU binding
-    that sets CUDA_VISIBLE_DEVICES per task) uses it whatever its local rank."""
+    """One device per local rank (which GPU: `cuda_index`). `auto` is CUDA when CUDA works, and an error when the
+    machine has GPUs that CUDA cannot use (gpus_present): never a silent fall back to the CPU."""
     if requested == "auto":
-        requested = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+        if torch.cuda.is_available():
+            requested = "cuda"
+        elif present := gpus_present():
+            raise UserError(cuda_unusable("train.device=auto", present))
+        else:
+            requested = "mps" if torch.backends.mps.is_available() else "cpu"
     if requested == "cuda":
         if not torch.cuda.is_available():
+            if present := gpus_present():
+                raise UserError(cuda_unusable("train.device=cuda", present))
             raise UserError("train.device=cuda but no CUDA device is visible (check CUDA_VISIBLE_DEVICES and the driver)")
-        count = torch.cuda.device_count()
-        index = 0 if count == 1 else world.local_rank
-        if index >= count:
-            raise UserError(f"local rank {world.local_rank} has no GPU: {count} visible on this node "
-                            f"for {world.local_world_size} local rank(s)")
+        index = cuda_index(world, torch.cuda.device_count())
         torch.cuda.set_device(index)
         return torch.device("cuda", index)
     if requested == "mps" and not torch.backends.mps.is_available():
