@@ -98,7 +98,10 @@ def _devices(world: distributed.World) -> dict:
         "mps": torch.backends.mps.is_available(),
     }
     if torch.cuda.is_available():
-        mine = 0 if torch.cuda.device_count() == 1 else world.local_rank
+        try:
+            mine = distributed.cuda_index(world, torch.cuda.device_count())  # the rule the ranks follow
+        except UserError:
+            mine = None  # too few GPUs for this rank: the report's problems say so
         for i in range(torch.cuda.device_count()):
             p = torch.cuda.get_device_properties(i)
             gpu = {"index": i, "name": p.name, "capability": f"{p.major}.{p.minor}",
