@@ -69,9 +69,21 @@ def _serialize(obj: Any) -> bytes:
     return buf.getvalue()
 
 
-def _deserialize(data: bytes, what: str) -> Any:
+# What each file must unpickle into for training to restore it. weights_only admits any nesting of tensors
+# and plain containers, so a file whose manifest was rewritten to match it can hold anything of that kind.
+_CONTENTS: dict[str, tuple[str, Callable[[Any], bool]]] = {
+    "model": ("a dict of parameter names to tensors", lambda o: isinstance(o, dict) and all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in o.items())),
+    "optimizer": ("a dict with the optimizer's state",
+                  lambda o: isinstance(o, dict) and isinstance(o.get("optimizer"), dict)),
+    "rng": ("a list of each rank's generator states",
+            lambda o: isinstance(o, list) and all(isinstance(r, dict) for r in o)),
+}
+
+
+def _deserialize(data: bytes, what: str, part: str) -> Any:
     try:
-        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as e:
         # torch's message for a refused object advises loading with weights_only=False, which runs the file's
         # code: no advice to pass on about a file gpt-train did not write. Its other messages say what broke.
@@ -79,6 +91,10 @@ def _deserialize(data: bytes, what: str) -> Any:
         detail = f": {text.splitlines()[0][:200]}" if text and "weights_only" not in text else ""
         raise CheckpointError(f"{what} is not a gpt-train checkpoint file, or holds objects gpt-train does not load; "
                               f"nothing in it was executed ({type(e).__name__}{detail})") from None
+    expected, fits = _CONTENTS[part]
+    if not fits(obj):
+        raise CheckpointError(f"{what} holds a {type(obj).__name__}, not {expected}: not a gpt-train checkpoint file")
+    return obj
 
 
 @dataclass
@@ -100,10 +116,12 @@ def load(url: str, parts: tuple[str, ...] = ("model", "optimizer", "rng")) -> Ch
     """Read a checkpoint folder, verifying every file against the manifest before unpickling-free loading."""
     store = Store(url)
     manifest = rundir.read_manifest(store)
-    wanted = {META} | {f"{p}.pt" for p in parts}
-    blobs = {name: rundir.read_verified(store, manifest, name) for name in manifest["files"] if name in wanted}
-    meta = json.loads(blobs[META])
-    get = lambda part: _deserialize(blobs[f"{part}.pt"], f"'{url}/{part}.pt'") if f"{part}.pt" in blobs else None
+    unlisted = [f"{p}.pt" for p in parts if f"{p}.pt" not in manifest["files"]]
+    if unlisted:
+        raise CheckpointError(f"'{url}/{MANIFEST}' does not list {', '.join(unlisted)}: not a complete checkpoint")
+    blobs = {p: rundir.read_verified(store, manifest, f"{p}.pt") for p in parts}
+    meta = rundir.read_verified_meta(store, manifest)
+    get = lambda part: _deserialize(blobs[part], f"'{url}/{part}.pt'", part) if part in blobs else None
     return Checkpoint(url=url, meta=meta, model=get("model"), optimizer=get("optimizer"), rng=get("rng"))
 
 
@@ -149,13 +167,27 @@ class Checkpointer:
                 self.log(f"checkpoint: skipping {step_name(step)}: {e}")
         return None
 
-    def best_url(self) -> str | None:
-        best = None
+    def load_best(self) -> Checkpoint | None:
+        """The checkpoint of the lowest val loss among those that load; the others are reported and skipped.
+
+        Only meta.json (verified) is read of every checkpoint; the best is then loaded whole, because a val
+        loss is no reason to trust the weights next to it."""
+        scored = []
         for step in self.manifested_steps():
-            meta = read_meta(self.store, step)
-            if meta.get("val_loss") is not None and (best is None or meta["val_loss"] < best[0]):
-                best = (meta["val_loss"], step)
-        return f"{self.store.url}/{step_folder(best[1])}" if best else None
+            folder = Store(f"{self.store.url}/{step_folder(step)}")
+            try:
+                val_loss = rundir.read_verified_meta(folder, rundir.read_manifest(folder)).get("val_loss")
+            except CheckpointError as e:
+                self.log(f"checkpoint: skipping {step_name(step)}: {e}")
+                continue
+            if isinstance(val_loss, (int, float)):
+                scored.append((val_loss, step))
+        for _, step in sorted(scored):
+            try:
+                return load(f"{self.store.url}/{step_folder(step)}")
+            except CheckpointError as e:
+                self.log(f"checkpoint: skipping {step_name(step)}: {e}")
+        return None
 
     # -- writing -------------------------------------------------------------------------------
 
@@ -363,16 +395,16 @@ class CheckpointManager:
     def _roll_back(self) -> Checkpoint:
         """Resume from the checkpoint of the lowest val loss; the newer ones that verify are set aside in
         RUN/rolled-back/ (kept, listed by `status`, out of retention's reach), not deleted."""
-        url = self.writer.best_url()
-        if url is None:
+        found = self.writer.load_best()
+        if found is None:
             raise CheckpointError(f"checkpoint.resume=best but '{self.writer.store.url}' has no checkpoint with a val loss")
-        found = load(url)
-        newest = max(manifested_steps(self.writer.store))
+        url, newest = found.url, max(manifested_steps(self.writer.store))
         set_aside = self._drop_newer(found.step, keep_valid=True)
         where = f"{self.writer.store.url}/{rundir.ROLLED_BACK}/"
         note = (f"rolled back from step {newest} to the best checkpoint {url} (step {found.step}, val loss "
                 f"{found.meta['val_loss']:.4f})" + (f"; steps {', '.join(map(str, set_aside))} set aside in {where}"
-                                                    if set_aside else ", the newest")
+                                                    if set_aside else ", the newest that loads" if newest > found.step
+                                                    else ", the newest")
                 + "; later starts continue from the newest checkpoint")
         self.rollback = {"from_step": newest, "to_step": found.step, "set_aside": set_aside, "note": note}
         return found

@@ -290,8 +290,15 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
     path = path.resolve()
     if path in seen:
         raise ConfigError(f"config '{path}' extends itself through {' -> '.join(map(str, seen))}")
+    raw = path.read_bytes()
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        text = raw.decode("utf-8")  # YAML's encoding, whatever the locale's is
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise ConfigError(f"config '{path}' is not UTF-8 text (byte 0x{raw[e.start]:02x} on line {line}): "
+                          "save it as UTF-8") from None
+    try:
+        data = yaml.safe_load(text) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"config '{path}' is not valid YAML: {str(e).splitlines()[0]}") from None
     if not isinstance(data, dict):
@@ -386,8 +393,12 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     need(cfg.checkpoint.keep_last >= 1, "config key 'checkpoint.keep_last' must be at least 1")
     need(bool(cfg.run_dir), "config key 'run_dir' must not be empty")
     for name in cfg.preemption.signals:
-        need(hasattr(signal, name.upper() if name.upper().startswith("SIG") else "SIG" + name.upper()),
+        full = name.upper() if name.upper().startswith("SIG") else "SIG" + name.upper()
+        need(full in signal.Signals.__members__,  # not hasattr: signal.SIG_DFL and SIG_IGN are handlers
              f"config key 'preemption.signals': '{name}' is not a signal of this system (e.g. TERM, USR1, USR2)")
+        need(full not in ("SIGKILL", "SIGSTOP"), f"config key 'preemption.signals': '{name}' cannot be caught "
+             "(the kernel acts on SIGKILL and SIGSTOP itself), so it cannot make the run checkpoint; "
+             "use e.g. TERM, USR1, USR2")
 
 
 def warnings(cfg: Config) -> list[str]:

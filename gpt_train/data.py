@@ -34,8 +34,29 @@ def read_meta(data_dir: str) -> dict:
         meta = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise DataError(f"'{path}' is not valid JSON ({e.msg}): run `gpt-train prepare --force`") from None
+    if not isinstance(meta, dict):
+        raise DataError(f"'{path}' must be a JSON object, not a {type(meta).__name__}: run `gpt-train prepare --force`")
     if meta.get("format") != FORMAT:
         raise DataError(f"'{path}' has format {meta.get('format')!r}, expected {FORMAT!r}: prepare the data again")
+    # What training reads of it, checked now: a hand-edited file is this one line, not a KeyError later.
+    def bad(problem: str) -> DataError:
+        return DataError(f"'{path}' has {problem}: run `gpt-train prepare --force`")
+
+    tokenizer = meta.get("tokenizer")
+    if not isinstance(tokenizer, dict):
+        raise bad("no 'tokenizer' object")
+    n_vocab = tokenizer.get("n_vocab")
+    if type(n_vocab) is not int or n_vocab < 1:  # not isinstance: True is an int
+        raise bad(f"tokenizer n_vocab {n_vocab!r}, not a positive integer")
+    if meta.get("dtype") not in ("uint16", "uint32"):
+        raise bad(f"token dtype {meta.get('dtype')!r}; gpt-train writes uint16 or uint32")
+    splits = meta.get("splits")
+    if not isinstance(splits, dict):
+        raise bad("no 'splits' object")
+    for name, info in splits.items():
+        shards = info.get("shards") if isinstance(info, dict) else None
+        if not isinstance(shards, list) or not all(isinstance(shard, str) for shard in shards):
+            raise bad(f"no list of shards for the '{name}' split")
     return meta
 
 
@@ -48,14 +69,27 @@ class Split:
         if split not in meta["splits"]:
             raise DataError(f"'{data_dir}' has no '{split}' split (has: {', '.join(meta['splits'])})")
         dtype = np.dtype(meta["dtype"])
+        n_vocab = meta["tokenizer"]["n_vocab"]
+        info = meta["splits"][split]
         self.shards: list[np.memmap] = []
-        for name in meta["splits"][split]["shards"]:
+        for name in info["shards"]:
             path = root / name
             if not path.is_file():
                 raise DataError(f"shard '{path}' listed in meta.json is missing: run `gpt-train prepare --force`")
             if path.stat().st_size % dtype.itemsize:
                 raise DataError(f"shard '{path}' is truncated (size not a multiple of {dtype.itemsize} bytes)")
-            self.shards.append(np.memmap(path, dtype=dtype, mode="r"))
+            shard = np.memmap(path, dtype=dtype, mode="r")
+            # An id past the vocabulary would index outside the embedding at whichever step drew it. prepare
+            # records the largest id of a split; for data prepared before it did, every shard is read once per
+            # start (about 0.05 s per GB from the page cache, the disk's read speed otherwise).
+            recorded = info.get("max_id")
+            top = recorded if isinstance(recorded, int) else int(shard.max(initial=0))
+            if top >= n_vocab:
+                where = f"the '{split}' split of '{data_dir}' (meta.json)" if isinstance(recorded, int) else f"shard '{path}'"
+                raise DataError(f"{where} holds token id {top}, outside the vocabulary of {n_vocab} that meta.json "
+                                f"gives tokenizer {meta['tokenizer'].get('name')!r}: the shards and meta.json do not "
+                                "belong together; run `gpt-train prepare --force`")
+            self.shards.append(shard)
         self.seq_len = seq_len
         # A window holds seq_len inputs plus the one-token-shifted target, inside one shard.
         counts = np.array([max(0, (len(s) - 1) // seq_len) for s in self.shards], dtype=np.int64)
@@ -66,6 +100,9 @@ class Split:
             raise DataError(f"the '{split}' split of '{data_dir}' has {tokens} tokens, fewer than one sequence "
                             f"of {seq_len + 1}: use more data or a smaller train.seq_len")
         self.tokens = sum(len(s) for s in self.shards)
+        if isinstance(info.get("tokens"), int) and self.tokens != info["tokens"]:
+            raise DataError(f"the '{split}' shards of '{data_dir}' hold {self.tokens:,} tokens but meta.json says "
+                            f"{info['tokens']:,}: a shard was cut short or replaced; run `gpt-train prepare --force`")
 
     def window(self, w: int) -> np.ndarray:
         shard = int(np.searchsorted(self.starts, w, side="right")) - 1
@@ -141,7 +178,8 @@ def fingerprint(meta: dict) -> str:
     """The identity of a prepared directory's token stream, from its meta.json: the same for a copy moved
     elsewhere, different when it was prepared again from other input or with other options."""
     identity = {
-        "tokenizer": meta["tokenizer"].get("sha256"), "dtype": meta["dtype"], "splits": meta["splits"],
+        "tokenizer": meta["tokenizer"].get("sha256"), "dtype": meta["dtype"],
+        "splits": {name: (split["shards"], split.get("tokens")) for name, split in meta["splits"].items()},
         "sources": [(Path(src["path"]).name, src.get("bytes")) for src in meta.get("sources", [])],
         "val_fraction": meta.get("val_fraction"), "options": meta.get("options"),
     }

@@ -312,6 +312,7 @@ class _ShardWriter:
         self.directory, self.split, self.dtype, self.shard_tokens = directory, split, dtype, shard_tokens
         self.shards: list[str] = []
         self.tokens = 0
+        self.max_id = -1  # recorded, so that training checks the vocabulary without reading every shard
         self._file: BinaryIO | None = None
         self._room = 0
 
@@ -324,6 +325,8 @@ class _ShardWriter:
                 self._room = self.shard_tokens
             head, ids = ids[: self._room], ids[self._room :]
             head.tofile(self._file)
+            if len(head):
+                self.max_id = max(self.max_id, int(head.max()))
             self._room -= len(head)
             self.tokens += len(head)
 
@@ -468,7 +471,8 @@ def _build(sources: list[Source], out_dir: Path, wanted: dict, workers: int) -> 
         val_from = "documents" if writers["val"].tokens else _val_from_tail(writers, wanted["val_fraction"])
         seconds = time.perf_counter() - started
         meta = {**wanted, "tokenizer": tok.identity(), "dtype": dtype.name, "val_from": val_from,
-                "splits": {split: {"shards": w.shards, "tokens": w.tokens} for split, w in writers.items()}}
+                "splits": {split: {"shards": w.shards, "tokens": w.tokens, "max_id": w.max_id}
+                           for split, w in writers.items()}}
         _publish(staging, out_dir, meta)
     except BaseException:
         for writer in writers.values():

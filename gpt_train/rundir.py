@@ -105,8 +105,22 @@ def read_verified(folder: Store, manifest: dict, name: str) -> bytes:
     return data
 
 
+def read_verified_meta(folder: Store, manifest: dict) -> dict:
+    """The checkpoint's meta.json, verified and parsed: a matching checksum only says the file is the one
+    written, and a file written by hand can match its own hand-written manifest."""
+    data = read_verified(folder, manifest, META)
+    try:
+        meta = json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        meta = None
+    if not isinstance(meta, dict) or type(meta.get("step")) is not int:
+        raise CheckpointError(f"'{folder.url}/{META}' is not a JSON object with the checkpoint's step")
+    return meta
+
+
 def verify(store: Store, step: int) -> str | None:
-    """Why the run's checkpoint of `step` would not load, or None when every file it lists verifies.
+    """Why the run's checkpoint of `step` would not load, or None when every file it lists verifies and its
+    meta.json reads.
 
     Reads every byte of the checkpoint, one file at a time; what it does not check is what only loading
     can: that the files unpickle into tensors."""
@@ -114,7 +128,9 @@ def verify(store: Store, step: int) -> str | None:
     try:
         manifest = read_manifest(folder)
         for name in manifest["files"]:
-            read_verified(folder, manifest, name)
+            if name != META:
+                read_verified(folder, manifest, name)
+        read_verified_meta(folder, manifest)
     except CheckpointError as e:
         return str(e)
     return None

@@ -86,7 +86,7 @@ def test_retention_keeps_last_best_and_final(mem_run):
     save(ck, 7, val_loss=4.5)
     assert ck.manifested_steps() == [2, 3, 6, 7]
     assert [s for s, _ in list_steps(ck.store)] == [2, 3, 6, 7]
-    assert ck.best_url().endswith("step-00000002")
+    assert ck.load_best().url.endswith("step-00000002")
 
 
 def test_foreign_pickle_is_refused(mem_run):
@@ -138,7 +138,7 @@ def test_failed_upload_is_retried_then_reported_and_training_state_kept(mem_run,
 def test_save_snapshots_so_training_can_change_the_weights_at_once(mem_run):
     ck = Checkpointer(mem_run, keep_last=1, keep_best=False, log=lambda m: None)
     weights = {"w": torch.zeros(512, 512)}
-    ck.save(1, weights, {}, [], {"step": 1})
+    ck.save(1, weights, {"optimizer": {}}, [], {"step": 1})
     weights["w"].add_(1.0)  # the next optimizer step, while the writer runs
     assert ck.wait()
     assert torch.count_nonzero(load(f"{mem_run}/checkpoints/step-00000001").model["w"]) == 0
@@ -153,7 +153,7 @@ WRITER = textwrap.dedent("""
     while True:
         step += 1
         g = torch.Generator().manual_seed(step)
-        ck.save(step, {"w": torch.randn(256, 1024, generator=g)}, {}, [], {"step": step})
+        ck.save(step, {"w": torch.randn(256, 1024, generator=g)}, {"optimizer": {}}, [], {"step": step})
 """)
 
 

@@ -67,10 +67,23 @@ def test_missing_and_broken_data_are_clear_errors(tmp_path, tiny_data):
         data.Split(tiny_data, "val", 10**7 // 2)
     broken = tmp_path / "broken"
     broken.mkdir()
-    (broken / "meta.json").write_text('{"format": "gpt-train-tokens/1", "dtype": "uint16", "tokenizer": {}, '
+    (broken / "meta.json").write_text('{"format": "gpt-train-tokens/1", "dtype": "uint16", "tokenizer": {"n_vocab": 50257}, '
                                       '"splits": {"train": {"shards": ["train-00000.bin"], "tokens": 3}}}')
     with pytest.raises(DataError, match="is missing"):
         data.Split(str(broken), "train", 4)
     np.zeros(3, dtype=np.uint8).tofile(broken / "train-00000.bin")
     with pytest.raises(DataError, match="truncated"):
         data.Split(str(broken), "train", 4)
+
+
+def test_a_shard_shorter_than_meta_says_is_an_error_at_start(tmp_path, tiny_data):
+    import shutil
+
+    from gpt_train.data import Split
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    shard = data / "train-00000.bin"
+    with open(shard, "r+b") as f:
+        f.truncate(shard.stat().st_size - 2 * 1000)  # 1,000 uint16 tokens gone, still whole tokens
+    with pytest.raises(DataError, match=r"hold 47,587 tokens but meta.json says 48,587: a shard was cut short"):
+        Split(str(data), "train", 32)
