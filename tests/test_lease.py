@@ -146,7 +146,7 @@ def test_a_requeue_waits_for_the_previous_attempt_of_its_job_and_refuses_other_j
     note = requeued.acquire()
     took = time.monotonic() - t0
     released.join()
-    assert 0.9 < took < 5
+    assert 0.9 < took < 15  # it waited for the release, and not for wait_s
     assert note is not None and note.startswith("waited ") and "(SLURM job 77, attempt 0) to finish" in note
     assert any("an earlier attempt of this job" in m for m in logged)
     assert on_file(store)["attempt"] == 1
@@ -154,7 +154,7 @@ def test_a_requeue_waits_for_the_previous_attempt_of_its_job_and_refuses_other_j
     t0 = time.monotonic()
     with pytest.raises(RunDirBusy, match="attempt 1"):
         Lease(store, wait_s=20, environ={"SLURM_JOB_ID": "78", "SLURM_RESTART_COUNT": "2"}, **FAST).acquire()
-    assert time.monotonic() - t0 < 1, "another job is refused at once, not after wait_s"
+    assert time.monotonic() - t0 < 10, "another job is refused at once, not after wait_s"
     with pytest.raises(RunDirBusy, match="still held after waiting"):
         Lease(store, stale_after_s=4, wait_s=1.5, log=lambda m: None,
               environ={"SLURM_JOB_ID": "77", "SLURM_RESTART_COUNT": "2"}, **FAST).acquire()
@@ -163,18 +163,18 @@ def test_a_requeue_waits_for_the_previous_attempt_of_its_job_and_refuses_other_j
 
 def test_the_heartbeat_keeps_a_lease_live_past_stale_after_s(tmp_path):
     store = Store(str(tmp_path))
-    lease = Lease(store, stale_after_s=1.0, **FAST)
+    lease = Lease(store, stale_after_s=2.0, **FAST)
     lease.acquire()
     beats = set()
-    deadline = time.monotonic() + 2.5
-    while time.monotonic() < deadline:
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:  # held for more than twice stale_after_s, never stale
         record = on_file(store)
-        assert time.time() - record["heartbeat"] < 1.0
+        assert time.time() - record["heartbeat"] < 2.0
         beats.add(record["heartbeat"])
         time.sleep(0.1)
-    assert len(beats) >= 5
+    assert len(beats) >= 4
     with pytest.raises(RunDirBusy):
-        Lease(store, stale_after_s=1.0, **FAST).acquire()
+        Lease(store, stale_after_s=2.0, **FAST).acquire()
     assert lease.acquire() is None, "our own lease, re-acquired"
     assert not lease.lost
     lease.release()
