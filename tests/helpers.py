@@ -41,6 +41,17 @@ def cli(*args: str, env: dict | None = None, timeout: int = 300, cwd: Path | Non
                           timeout=timeout, env=full_env, cwd=cwd or REPO)
 
 
+def one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> str:
+    """A failed command whose whole complaint is one line on stderr, holding every fragment: no traceback."""
+    assert result.returncode != 0, result.stdout[-2000:]
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    return lines[0]
+
+
 def train_args(data: str, run_dir: str, *extra: str) -> list[str]:
     return ["train", "default", f"data.dir={data}", f"run_dir={run_dir}", *TINY, *extra]
 

@@ -6,24 +6,12 @@ import io
 import json
 import re
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
 import torch
 
-from helpers import TINY, cli, losses, tiny_data, train_args  # noqa: F401
-
-
-def one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> str:
-    assert result.returncode != 0, result.stdout[-2000:]
-    assert "Traceback" not in result.stderr, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-    return lines[0]
-
+from helpers import TINY, cli, losses, one_line_error, tiny_data, train_args  # noqa: F401
 
 # -- config ----------------------------------------------------------------------------------------------
 

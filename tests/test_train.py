@@ -6,17 +6,7 @@ import subprocess
 
 import pytest
 
-from helpers import cli, losses, read_metrics, tiny_data, train_args  # noqa: F401
-
-
-def one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> str:
-    assert result.returncode != 0, result.stdout[-2000:]
-    assert "Traceback" not in result.stderr, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-    return lines[0]
+from helpers import cli, losses, one_line_error, read_metrics, tiny_data, train_args  # noqa: F401
 
 
 def test_tiny_run_learns_writes_its_records_and_samples(tmp_path, tiny_data):
