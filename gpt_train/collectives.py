@@ -63,3 +63,32 @@ def broadcast_object(obj):
     box = [_pack(obj)]
     dist.broadcast_object_list(box, src=0)
     return _unpack(box[0])
+
+
+class PendingSum:
+    """A sum over the ranks of a few flags, started now and read later (a step later), so that the step does
+    not wait for it. On CUDA the result is copied to pinned host memory behind the all-reduce and read
+    through an event: reading it waits for the all-reduce, not for the kernels queued since."""
+
+    def __init__(self, values: list[float], device: torch.device):
+        self.local = values
+        if not dist.is_initialized():
+            return
+        self.tensor = torch.tensor(values, dtype=torch.float32, device=device)
+        self.work = dist.all_reduce(self.tensor, async_op=True)
+        self.event = None
+        if device.type == "cuda":
+            self.work.wait()  # on CUDA: makes the stream wait, not this thread
+            self.host = torch.empty(len(values), dtype=torch.float32, pin_memory=True)
+            self.host.copy_(self.tensor, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+
+    def result(self) -> list[float]:
+        if not dist.is_initialized():
+            return self.local
+        if self.event is not None:
+            self.event.synchronize()
+            return self.host.tolist()
+        self.work.wait()
+        return self.tensor.tolist()

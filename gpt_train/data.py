@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from concurrent.futures import Future, ThreadPoolExecutor
 from functools import lru_cache
 from pathlib import Path
 
@@ -120,14 +121,22 @@ def _permutation(num_windows: int, seed: int, epoch: int) -> np.ndarray:
 
 
 class Loader:
-    """Training batches for one rank; `next_sample` (global, rank-independent) is its whole state."""
+    """Training batches for one rank; `next_sample` (global, rank-independent) is its whole state.
 
-    def __init__(self, split: Split, seed: int, global_batch: int, micro_batch: int, rank: int, world_size: int):
+    With `prefetch`, the batch after the one handed out is gathered from the memmaps on a background thread
+    while the step runs (into pinned memory with `pin`, so that the copy to the GPU does not block). It is
+    keyed by its position: the state stays the position of the batches consumed, whatever was read ahead."""
+
+    def __init__(self, split: Split, seed: int, global_batch: int, micro_batch: int, rank: int, world_size: int,
+                 prefetch: bool = False, pin: bool = False):
         assert global_batch % (micro_batch * world_size) == 0, "chosen by config.micro_batch_for"
         self.split, self.seed = split, seed
         self.global_batch, self.micro_batch = global_batch, micro_batch
         self.rank, self.world_size = rank, world_size
         self.next_sample = 0
+        self.pin = pin
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="batch-prefetch") if prefetch else None
+        self._ahead: tuple[int, Future] | None = None
 
     def state_dict(self) -> dict:
         return {"next_sample": self.next_sample, "seq_len": self.split.seq_len}
@@ -147,16 +156,25 @@ class Loader:
         epoch, j = divmod(k, self.split.num_windows)
         return int(_permutation(self.split.num_windows, self.seed, epoch)[j])
 
-    def next_batch(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """The micro-batches of this rank for the next optimizer step: [(x, y)], each (micro_batch, T)."""
-        per_rank = self.global_batch // self.world_size
-        first = self.next_sample + self.rank * per_rank
-        self.next_sample += self.global_batch
+    def batch_at(self, sample: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """This rank's micro-batches of the optimizer step whose global batch starts at sample `sample`:
+        [(x, y)], each (micro_batch, T)."""
+        first = sample + self.rank * (self.global_batch // self.world_size)
         micro = []
         for m in range(self.accum_steps):
             lo = first + m * self.micro_batch
             rows = self.split.windows([self._window_of(k) for k in range(lo, lo + self.micro_batch)])
-            micro.append((rows[:, :-1].contiguous(), rows[:, 1:].contiguous()))
+            x, y = rows[:, :-1].contiguous(), rows[:, 1:].contiguous()  # (B, T) each
+            micro.append((x.pin_memory(), y.pin_memory()) if self.pin else (x, y))
+        return micro
+
+    def next_batch(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The micro-batches of the next optimizer step, and the position moved past them."""
+        ahead = self._ahead
+        micro = ahead[1].result() if ahead and ahead[0] == self.next_sample else self.batch_at(self.next_sample)
+        self.next_sample += self.global_batch
+        if self._pool:
+            self._ahead = (self.next_sample, self._pool.submit(self.batch_at, self.next_sample))
         return micro
 
     @property

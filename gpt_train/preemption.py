@@ -94,9 +94,10 @@ class Preemption:
             self._timer.cancel()
 
     def reason(self, step_seconds: float = 0.0) -> str | None:
-        """Why the run should stop now, or None. Two more steps must fit before the deadline's margin."""
+        """Why the run should stop now, or None. Before the deadline's margin three more steps must fit: the
+        ranks agree on the flag a step later, and the save takes about a step."""
         if self.received:
             return self.received
-        if self.deadline is not None and time.time() + 2 * step_seconds + self.margin_s >= self.deadline:
+        if self.deadline is not None and time.time() + 3 * step_seconds + self.margin_s >= self.deadline:
             return "deadline"
         return None

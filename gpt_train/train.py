@@ -211,7 +211,7 @@ class Trainer:
         self.val_split = data.Split(cfg.data.dir, "val", cfg.seq_len)
         self.micro_batch = micro_batch_for(cfg, world.world_size)
         self.loader = data.Loader(self.train_split, t.seed, t.batch_tokens // cfg.seq_len, self.micro_batch,
-                                  world.rank, world.world_size)
+                                  world.rank, world.world_size, prefetch=True, pin=self.device.type == "cuda")
         torch.manual_seed(t.seed)  # the same initial weights on every rank
         self.raw_model = GPT(cfg.model)
         self.ckpt.attach(model=parallel.ModelState(self.raw_model))
@@ -262,7 +262,7 @@ class Trainer:
             self.say(f"run already complete at step {self.state.step}/{t.max_steps}: nothing to do")
             return protocol.EXIT_OK
         self._open_log()
-        if self._agree(preempt.received is not None, False)[0]:  # signalled while starting: nothing new to save
+        if collectives.any_rank(preempt.received is not None, self.device):  # signalled while starting: nothing new
             preempt.acting()
             self.say(f"preemption: {preempt.received or 'a peer rank was signalled'} before the first step: exiting "
                      f"with {protocol.EXIT_REQUEUE} to be requeued; the checkpoint it started from stands", flush=True)
@@ -274,6 +274,7 @@ class Trainer:
         self.ckpt.start_clock()
         self._clock = time.perf_counter(), self.state.step
         step_s, t_step = 0.0, time.perf_counter()
+        pending = None  # the ranks' flags, summed while the next step runs: no step waits for them
         while self.state.step < t.max_steps:
             result = self.train_step()
             step, last = self.state.step, self.state.step == t.max_steps
@@ -284,8 +285,10 @@ class Trainer:
             now = time.perf_counter()
             step_s, t_step = max(step_s * 0.9, now - t_step), now
             reason = preempt.reason(step_s)
-            stop, time_due = self._agree(reason is not None, self.ckpt.time_due())
+            stop, time_due = (flag > 0 for flag in pending.result()) if pending else (False, False)
             stop = stop and not last
+            pending = None if stop or last else collectives.PendingSum(
+                [float(reason is not None), float(self.ckpt.time_due())], self.device)
             if stop:
                 preempt.acting()
                 reason = reason or "a peer rank was signalled"
@@ -331,11 +334,6 @@ class Trainer:
         logging = self.state.step % t.log_interval == 0 or self.state.step == t.max_steps
         loss_mean = collectives.all_reduce_mean(loss_sum.item() / len(micro), self.device) if logging else None
         return StepResult(loss_mean, grad_norm.item() if grad_norm is not None else float("nan"), lr)
-
-    def _agree(self, stop: bool, time_due: bool) -> tuple[bool, bool]:
-        """One all-reduce per step, so that every rank stops, or saves, at the same step."""
-        stops, dues = collectives.all_reduce_sum([float(stop), float(time_due)], self.device)
-        return stops > 0, dues > 0
 
     # -- what a step reports -----------------------------------------------------------------------
 

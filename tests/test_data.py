@@ -87,3 +87,16 @@ def test_a_shard_shorter_than_meta_says_is_an_error_at_start(tmp_path, tiny_data
         f.truncate(shard.stat().st_size - 2 * 1000)  # 1,000 uint16 tokens gone, still whole tokens
     with pytest.raises(DataError, match=r"hold 47,587 tokens but meta.json says 48,587: a shard was cut short"):
         Split(str(data), "train", 32)
+
+
+def test_prefetching_reads_ahead_without_moving_the_position(tiny_data):
+    split = data.Split(tiny_data, "train", 32)
+    plain = data.Loader(split, 7, 16, 4, 0, 1)
+    ahead = data.Loader(split, 7, 16, 4, 0, 1, prefetch=True)
+    for step in range(5):
+        assert all(torch.equal(a, b) for pa, pb in zip(plain.next_batch(), ahead.next_batch()) for a, b in zip(pa, pb))
+        assert ahead.state_dict() == plain.state_dict()  # the batch read ahead is not counted as consumed
+    resumed = data.Loader(split, 7, 16, 4, 0, 1, prefetch=True)
+    resumed.next_batch()  # reads ahead from position 16
+    resumed.load_state_dict(ahead.state_dict())  # somewhere else: what was read ahead must not be used
+    assert all(torch.equal(a, b) for pa, pb in zip(plain.next_batch(), resumed.next_batch()) for a, b in zip(pa, pb))

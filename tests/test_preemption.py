@@ -34,7 +34,8 @@ def test_signal_checkpoints_exits_for_requeue_and_the_resume_is_exact(tmp_path, 
     assert proc.returncode == REQUEUE_EXIT, text[-2000:]
     assert f"preemption: {sig.name}" in text
     stopped = max(losses(run))
-    assert stopped in (6, 7)  # the signal lands during step 6 or 7; the run stops at that step boundary
+    # The signal lands during step 6 or 7; the ranks agree on it a step later (no step waits for the all-reduce).
+    assert stopped in (7, 8)
     assert (run / "checkpoints" / "LATEST").read_text().strip() == f"step-{stopped:08d}"
     events = [json.loads(x) for x in (run / "events.jsonl").read_text().splitlines()]
     assert events[-1]["event"] == "preempted" and events[-1]["cause"] == sig.name and events[-1]["checkpoint_landed"]

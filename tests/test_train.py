@@ -121,13 +121,13 @@ def test_init_from_a_bad_source_is_one_clear_line(tmp_path, tiny_data, extra, fr
 
 def test_wall_clock_checkpoints_come_between_step_intervals(tmp_path, tiny_data):
     # No step interval; a save whenever 2 s have passed. From step 3 on every step sleeps 3 s (the `slow`
-    # fault), so each of them is due whatever the machine's speed.
+    # fault), so each of them is due whatever the machine's speed; the ranks agree on it a step later.
     run = tmp_path / "run"
     result = cli(*train_args(tiny_data, str(run), "max_steps=6", "checkpoint.interval=0",
                              "checkpoint.every_minutes=0.0333"), env={"GPT_TRAIN_FAULT": "slow@step=3"})
     assert result.returncode == 0, result.stderr[-3000:]
     saved = sorted(int(p.name[5:]) for p in (run / "checkpoints").glob("step-*"))
-    assert saved[-1] == 6 and {3, 4, 5} <= set(saved), saved
+    assert saved[-1] == 6 and {4, 5} <= set(saved), saved
     # Not due: the final checkpoint only.
     quiet = tmp_path / "quiet"
     result = cli(*train_args(tiny_data, str(quiet), "max_steps=6", "checkpoint.interval=0",
