@@ -1,10 +1,12 @@
 """Errors a user can fix. The CLI prints them as one line and exits non-zero, without a traceback."""
 
+from gpt_train import protocol
+
 
 class UserError(Exception):
     """Bad input: a config, a data file, a checkpoint, a storage URL. The message names the problem."""
 
-    exit_code = 2
+    exit_code = protocol.EXIT_USER_ERROR
 
 
 class ConfigError(UserError):

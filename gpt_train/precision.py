@@ -148,8 +148,9 @@ def measured_peak(dtype: torch.dtype, n: int = 2048, seconds: float = 0.5, devic
     on_gpu = where.type == "cuda"
     n = max(n, 8192) if on_gpu else n
     sync = torch.cuda.synchronize if on_gpu else (lambda: None)
-    a = torch.randn(n, n, dtype=dtype, device=where)
-    b = torch.randn(n, n, dtype=dtype, device=where)
+    gen = torch.Generator(device=where).manual_seed(0)  # its own: the run's RNG is restored before this runs
+    a = torch.randn(n, n, dtype=dtype, device=where, generator=gen)
+    b = torch.randn(n, n, dtype=dtype, device=where, generator=gen)
     torch.mm(a, b)  # warm-up
     sync()
     fastest, end = float("inf"), time.perf_counter() + seconds

@@ -42,6 +42,7 @@ def slurm_end_time(env: dict[str, str] | None = None) -> float | None:
 
 # Signals that came before the trainer knew its config (while Python and torch were still loading).
 _early: list[str] = []
+_listening: set[str] = set()
 
 
 def listen_early(signals: tuple[str, ...] = ("TERM", "USR1", "USR2")) -> None:
@@ -49,6 +50,7 @@ def listen_early(signals: tuple[str, ...] = ("TERM", "USR1", "USR2")) -> None:
     during the seconds its imports take, and the default action would kill it with no requeue code."""
     for name in signals:
         signal.signal(_signum(name), lambda signum, frame: _early.append(signal.Signals(signum).name))
+        _listening.add(signal.Signals(_signum(name)).name)
 
 
 def _signum(name: str) -> int:
@@ -59,8 +61,9 @@ def _signum(name: str) -> int:
 class Preemption:
     """The stop request of this process: a signal, or the job's deadline coming near.
 
-    A SIGTERM is followed by the scheduler's SIGKILL (SLURM's KillWait, 30 s by default): when the step in
-    progress does not reach its end within grace_s, the process exits with EXIT_REQUEUE at once, without a new
+    A SIGTERM is followed by the scheduler's SIGKILL (SLURM's KillWait, 30 s by default). The ranks agree on a
+    stop a step after it was asked for (no step waits for that all-reduce), so a stop comes within two step
+    boundaries: when it has not come within grace_s, the process exits with EXIT_REQUEUE at once, without a new
     checkpoint, so that the job is still requeued and the last checkpoint stands."""
 
     def __init__(self, signals: list[str], deadline: float | None, margin_s: float, grace_s: float = 0.0):
@@ -68,9 +71,14 @@ class Preemption:
         self._timer: threading.Timer | None = None
         self._acted = False
         wanted = {signal.Signals(_signum(name)).name for name in signals}
-        self.received: str | None = next((name for name in _early if name in wanted), None)
+        for name in _listening - wanted:  # listened to early, but not a stopping signal of this config: as before
+            signal.signal(getattr(signal, name), signal.SIG_DFL)
         for name in wanted:
             signal.signal(getattr(signal, name), self._handle)
+        self.received: str | None = None
+        early = next((name for name in _early if name in wanted), None)
+        if early:
+            self._handle(getattr(signal, early), None)
 
     def _handle(self, signum, frame) -> None:
         self.received = signal.Signals(signum).name
@@ -82,9 +90,9 @@ class Preemption:
     def _give_up(self) -> None:
         if self._acted:
             return
-        os.write(2, (f"preemption: SIGTERM and the step in progress did not end within preemption.grace_s="
-                     f"{self.grace_s:g} s: exiting {protocol.EXIT_REQUEUE} without a new checkpoint; the last "
-                     "one stands\n").encode())
+        os.write(2, (f"preemption: SIGTERM and the ranks did not reach the step boundary where they stop within "
+                     f"preemption.grace_s={self.grace_s:g} s: exiting {protocol.EXIT_REQUEUE} without a new "
+                     "checkpoint; the last one stands\n").encode())
         os._exit(protocol.EXIT_REQUEUE)
 
     def acting(self) -> None:

@@ -174,8 +174,10 @@ class Trainer:
         if self.world.is_main:
             try:
                 self.store.check_writable()
-                lease = Lease(self.store, self.cfg.checkpoint.lease_stale_s, settle_s=0.25 if self.store.local else 1.0,
-                              log=self.say)
+                # The other ranks wait for the outcome in a collective: the wait must end before its timeout.
+                lease = Lease(self.store, self.cfg.checkpoint.lease_stale_s,
+                              wait_s=max(0.0, self.cfg.distributed.timeout_s - 60.0),
+                              settle_s=0.25 if self.store.local else 1.0, log=self.say)
                 note = lease.acquire()
             except UserError as e:
                 error = e
@@ -190,7 +192,11 @@ class Trainer:
         """Give the run directory back, once the checkpoint in flight has landed (a requeued attempt waits for it)."""
         if self.lease:
             self.ckpt.wait()
-            self.lease.release()
+            try:
+                self.lease.release()
+            except Exception as e:  # the exit code is the run's; an unreleased lease goes stale by itself
+                self.say(f"lease: could not release {self.cfg.run_dir}/lease.json ({e}); it goes stale in "
+                         f"{self.cfg.checkpoint.lease_stale_s:g} s")
 
     def _setup_numerics(self) -> None:
         t, device = self.cfg.train, self.device
@@ -264,14 +270,17 @@ class Trainer:
         self._open_log()
         if collectives.any_rank(preempt.received is not None, self.device):  # signalled while starting: nothing new
             preempt.acting()
+            resumed = self.state.step > 0
             self.say(f"preemption: {preempt.received or 'a peer rank was signalled'} before the first step: exiting "
-                     f"with {protocol.EXIT_REQUEUE} to be requeued; the checkpoint it started from stands", flush=True)
-            return self._stop(preempt.received or "peer", landed=True)
+                     f"with {protocol.EXIT_REQUEUE} to be requeued; "
+                     + ("the checkpoint it started from stands" if resumed else "nothing was trained yet"), flush=True)
+            return self._stop(preempt.received or "peer", landed=resumed)
         if preempt.deadline:
             self.say(f"deadline: {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(preempt.deadline))}; the run "
                      f"checkpoints and exits {cfg.preemption.deadline_margin_s} s before it")
         self.model.train()
         self.ckpt.start_clock()
+        self._first_step = self.state.step
         self._clock = time.perf_counter(), self.state.step
         step_s, t_step = 0.0, time.perf_counter()
         pending = None  # the ranks' flags, summed while the next step runs: no step waits for them
@@ -284,11 +293,12 @@ class Trainer:
                 self._sample()
             now = time.perf_counter()
             step_s, t_step = max(step_s * 0.9, now - t_step), now
+            if step == self._first_step + 3 and 0 < cfg.preemption.grace_s < 2 * step_s:
+                self.say(f"warning: two steps take {2 * step_s:.0f} s, longer than preemption.grace_s="
+                         f"{cfg.preemption.grace_s:g}: a SIGTERM would end the run without a new checkpoint")
             reason = preempt.reason(step_s)
             stop, time_due = (flag > 0 for flag in pending.result()) if pending else (False, False)
             stop = stop and not last
-            pending = None if stop or last else collectives.PendingSum(
-                [float(reason is not None), float(self.ckpt.time_due())], self.device)
             if stop:
                 preempt.acting()
                 reason = reason or "a peer rank was signalled"
@@ -298,6 +308,9 @@ class Trainer:
                 self._save(val, final=last)
             if stop:
                 return self._stop(reason)
+            # Started after the save, so that a save resets the clock before the ranks ask it again.
+            pending = None if last else collectives.PendingSum(
+                [float(reason is not None), float(self.ckpt.time_due())], self.device)
         return self._finish(val)
 
     def train_step(self) -> StepResult:
@@ -356,7 +369,7 @@ class Trainer:
 
     def _evaluate(self) -> float:
         t, s = self.cfg.train, self.state
-        loss = val_loss(self.raw_model, self.val_split, t.eval_batches, self.micro_batch, self.world.rank,
+        loss = val_loss(self.raw_model, self.val_split, t.eval_batches, t.micro_batch, self.world.rank,
                         self.world.world_size, self.device, self.prec)
         s.best_val_loss = loss if s.best_val_loss is None else min(s.best_val_loss, loss)
         self.say(f"step {s.step:>6}/{t.max_steps} | val loss {loss:.4f} | best {s.best_val_loss:.4f}", flush=True)

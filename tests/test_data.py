@@ -93,7 +93,7 @@ def test_prefetching_reads_ahead_without_moving_the_position(tiny_data):
     split = data.Split(tiny_data, "train", 32)
     plain = data.Loader(split, 7, 16, 4, 0, 1)
     ahead = data.Loader(split, 7, 16, 4, 0, 1, prefetch=True)
-    for step in range(5):
+    for _ in range(5):
         assert all(torch.equal(a, b) for pa, pb in zip(plain.next_batch(), ahead.next_batch()) for a, b in zip(pa, pb))
         assert ahead.state_dict() == plain.state_dict()  # the batch read ahead is not counted as consumed
     resumed = data.Loader(split, 7, 16, 4, 0, 1, prefetch=True)

@@ -127,7 +127,8 @@ def test_wall_clock_checkpoints_come_between_step_intervals(tmp_path, tiny_data)
                              "checkpoint.every_minutes=0.0333"), env={"GPT_TRAIN_FAULT": "slow@step=3"})
     assert result.returncode == 0, result.stderr[-3000:]
     saved = sorted(int(p.name[5:]) for p in (run / "checkpoints").glob("step-*"))
-    assert saved[-1] == 6 and {4, 5} <= set(saved), saved
+    # Each save restarts the clock, and the ranks hear "due" a step late: a save every other slowed step.
+    assert saved[-1] == 6 and set(saved) & {3, 4, 5}, saved
     # Not due: the final checkpoint only.
     quiet = tmp_path / "quiet"
     result = cli(*train_args(tiny_data, str(quiet), "max_steps=6", "checkpoint.interval=0",
