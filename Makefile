@@ -10,12 +10,13 @@ ARGS ?=
 DATA_DIR ?= data/moby-dick
 PYTEST_ARGS ?=
 
-.PHONY: help install dev data train test bench clean
+.PHONY: help install dev data train test bench gpu-check clean
 
 help:
 	@echo "make train   set up .venv, prepare the bundled corpus, train the small CPU default, print a sample"
 	@echo "make test    set up .venv with the dev extras and run every test (starts its own SLURM, S3, Docker)"
 	@echo "make bench   run the benchmarks in benchmarks/ and print their tables"
+	@echo "make gpu-check  on a GPU machine, in < 8 min: versions, matmul peak, GPT-2 speed, fp16, kill -9 resume, DDP, FSDP, checkpoint stall (ARGS=--quick)"
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -43,6 +44,9 @@ test: $(VENV)/.dev
 
 bench: $(VENV)/.dev
 	for b in benchmarks/*.py; do $(PY) $$b || exit 1; done
+
+gpu-check: $(VENV)/.installed
+	$(PY) benchmarks/gpu_check.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) runs data .pytest_cache

@@ -30,7 +30,7 @@ from gpt_train import collectives, data, distributed, optim, parallel, precision
 from gpt_train.checkpoint import Checkpoint, CheckpointManager
 from gpt_train.config import Config, dump, load_config, micro_batch_for, resolve_vocab, to_dict, validate
 from gpt_train.config import warnings as config_warnings
-from gpt_train.errors import ConfigError, TrainingDiverged, UserError
+from gpt_train.errors import ConfigError, DataError, TrainingDiverged, UserError
 from gpt_train.evaluate import val_loss
 from gpt_train.faults import Faults
 from gpt_train.lease import Lease, RunDirBusy
@@ -215,6 +215,10 @@ class Trainer:
         self.tokenizer = from_identity(self.data_meta["tokenizer"], cfg.data.dir)
         self.train_split = data.Split(cfg.data.dir, "train", cfg.seq_len)
         self.val_split = data.Split(cfg.data.dir, "val", cfg.seq_len)
+        if self.val_split.num_windows < world.world_size:  # each rank evaluates its share: none would be empty
+            raise DataError(f"the val split of '{cfg.data.dir}' has {self.val_split.num_windows} sequence(s) of "
+                            f"{cfg.seq_len} tokens, fewer than the {world.world_size} ranks: prepare it with a larger "
+                            "--val-fraction, or use a smaller train.seq_len")
         self.micro_batch = micro_batch_for(cfg, world.world_size)
         self.loader = data.Loader(self.train_split, t.seed, t.batch_tokens // cfg.seq_len, self.micro_batch,
                                   world.rank, world.world_size, prefetch=True, pin=self.device.type == "cuda")
