@@ -323,3 +323,21 @@ def test_the_bit_identical_resume_claims_say_what_it_takes_on_gpu():
         near = text[at - 400:at + 900]
         assert "train.deterministic=true" in near and "CUBLAS_WORKSPACE_CONFIG" in near, doc
         assert "not measured" in near or "not been measured" in near, doc
+
+
+def test_the_cuda_rng_saved_and_restored_is_that_of_the_ranks_own_device(monkeypatch):
+    # A resume may see another number of GPUs per process: only this rank's device's generator is saved.
+    from gpt_train.rng import RankRNG
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device: calls.append(("get", device)) or torch.tensor([7]))
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: calls.append(("set", device, int(state[0]))))
+    rng = RankRNG(seed=1, rank=3, device=torch.device("cuda", 1))
+    state = rng.state_dict()
+    assert calls == [("get", torch.device("cuda", 1))] and int(state["cuda"][0]) == 7
+    rng.load_state_dict(state)
+    assert calls[-1] == ("set", torch.device("cuda", 1), 7)
+    # a checkpoint from before, holding every visible device's state: this rank takes its own device's
+    rng.load_state_dict({**state, "cuda": [torch.tensor([5]), torch.tensor([6])]})
+    assert calls[-1] == ("set", torch.device("cuda", 1), 6)
+    assert "cuda" in RankRNG(1, 0, torch.device("cpu")).state_dict() and RankRNG(1, 0, torch.device("cpu")).state_dict()["cuda"] is None
