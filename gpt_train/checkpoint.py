@@ -17,10 +17,12 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
+import mmap
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, BinaryIO, Callable
 
 import torch
 
@@ -39,34 +41,126 @@ from gpt_train.rundir import (
 )
 from gpt_train.storage import Store
 
+# Parts with a file of their own (PART.pt); every other part's state_dict() is merged into meta.json.
+FILE_PARTS = ("model", "optimizer", "rng")
 SHAPE_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "bias")
 
 
-def _to_host(obj: Any, reuse: Any = None) -> Any:
-    """A private host copy of every tensor, so training may change the originals at once.
+class _PinnedPages(mmap.mmap):
+    """Anonymous pages registered with CUDA (page-locked), unregistered when the last tensor on them goes."""
 
-    `reuse` is the previous snapshot: its buffers are overwritten in place, because touching
-    gigabytes of freshly allocated pages costs more than the copy itself."""
-    if isinstance(obj, torch.Tensor):
-        src = obj.detach()
-        if isinstance(reuse, torch.Tensor) and reuse.shape == src.shape and reuse.dtype == src.dtype:
-            return reuse.copy_(src, non_blocking=True)
-        if src.device.type == "cuda":
-            return torch.empty(src.shape, dtype=src.dtype, pin_memory=True).copy_(src, non_blocking=True)
-        return src.to("cpu", copy=True)
-    if isinstance(obj, dict):
-        reuse = reuse if isinstance(reuse, dict) else {}
-        return {k: _to_host(v, reuse.get(k)) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        reuse = reuse if isinstance(reuse, (list, tuple)) and len(reuse) == len(obj) else [None] * len(obj)
-        return type(obj)(_to_host(v, r) for v, r in zip(obj, reuse))
-    return obj
+    ptr: int | None = None  # set once registered
+
+    def __del__(self):
+        # Before the pages are unmapped. The result is not checked: at interpreter exit CUDA may already be gone,
+        # and the pages go back to the system with the mapping either way.
+        if self.ptr is not None:
+            torch.cuda.cudart().cudaHostUnregister(self.ptr)
 
 
-def _serialize(obj: Any) -> bytes:
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    return buf.getvalue()
+def _host_empty(shape: torch.Size, dtype: torch.dtype, pin: bool) -> torch.Tensor:
+    """An uninitialized host tensor on pages of its own, of exactly its size (to the page); `pin`: page-locked.
+
+    Own pages, not an allocator's: the caching host allocator behind `pin_memory=True` rounds every block up
+    to a power of two and keeps freed blocks for reuse, and glibc keeps freed memory for the next malloc when
+    train.py asks it to (precision.reuse_freed_memory). A mapping goes back to the system when its tensor
+    goes, which is what a budget of host memory needs. RuntimeError when CUDA refuses to pin."""
+    nbytes = math.prod(shape) * dtype.itemsize
+    if nbytes == 0:
+        return torch.empty(shape, dtype=dtype)
+    pages = (_PinnedPages if pin else mmap.mmap)(-1, nbytes)
+    flat = torch.frombuffer(pages, dtype=torch.uint8)
+    if pin:
+        cudart = torch.cuda.cudart()
+        result = cudart.cudaHostRegister(flat.data_ptr(), nbytes, 0)
+        if result != cudart.cudaError.success:
+            raise RuntimeError(f"cudaHostRegister of {nbytes} bytes: {cudart.cudaGetErrorString(result)}")
+        pages.ptr = flat.data_ptr()
+    return flat.view(dtype).view(shape)
+
+
+class _Staging:
+    """Host copies of the state a checkpoint writes, so training may change the originals at once.
+
+    Copies of up to `budget_bytes` are kept for the next save and overwritten in place there, because
+    touching gigabytes of freshly allocated pages costs more than the copy itself; those of tensors on a
+    GPU are pinned, so that their copy runs at full speed and asynchronously. Past the budget a copy is
+    made into plain (pageable) pages and freed once the checkpoint is written. That costs time where
+    training waits (the GPU copies into pageable memory through the driver's own small pinned buffers,
+    synchronously and slower, and the pages fault in on the way) but no host memory between saves. Copying
+    only as much as a fixed pinned buffer holds and writing it before copying more would bound the memory of
+    a save too, but training would then wait for the whole write: the next step changes the originals."""
+
+    def __init__(self, budget_bytes: int):
+        self.budget = budget_bytes
+        self.kept: Any = None  # the buffers kept from the last snapshot, in its shape (None where not kept)
+        self.pin_error: str | None = None  # why CUDA refused to pin, once it has: copies are pageable from then on
+
+    def snapshot(self, obj: Any) -> Any:
+        self._room = self.budget
+        copy, self.kept = self._copy(obj, self.kept)
+        return copy
+
+    def _copy(self, obj: Any, reuse: Any) -> tuple[Any, Any]:
+        """(the copy of obj, the part of it to keep)."""
+        if isinstance(obj, torch.Tensor):
+            src = obj.detach()
+            nbytes = src.numel() * src.element_size()
+            keep = nbytes <= self._room
+            if not keep:
+                return _host_empty(src.shape, src.dtype, pin=False).copy_(src), None
+            self._room -= nbytes
+            fits = isinstance(reuse, torch.Tensor) and reuse.shape == src.shape and reuse.dtype == src.dtype
+            dst = reuse if fits else self._new(src)
+            dst.copy_(src, non_blocking=True)
+            return dst, dst
+        if isinstance(obj, dict):
+            reuse = reuse if isinstance(reuse, dict) else {}
+            pairs = {k: self._copy(v, reuse.get(k)) for k, v in obj.items()}
+            return {k: c for k, (c, _) in pairs.items()}, {k: kept for k, (_, kept) in pairs.items()}
+        if isinstance(obj, (list, tuple)):
+            reuse = reuse if isinstance(reuse, (list, tuple)) and len(reuse) == len(obj) else [None] * len(obj)
+            pairs = [self._copy(v, r) for v, r in zip(obj, reuse)]
+            return type(obj)(c for c, _ in pairs), [kept for _, kept in pairs]
+        return obj, None
+
+    def _new(self, src: torch.Tensor) -> torch.Tensor:
+        if src.device.type == "cuda" and self.pin_error is None:
+            try:
+                return _host_empty(src.shape, src.dtype, pin=True)
+            except RuntimeError as e:
+                self.pin_error = str(e)
+        return _host_empty(src.shape, src.dtype, pin=False)
+
+
+class _HashingFile:
+    """A write-only file object that hashes and counts what goes through it, passing it on in pieces: a
+    buffered upload copies what it is given into its buffer, and torch.save writes each tensor in one call.
+
+    `error` is the first exception the file raised: torch.save reports a failed write as an error of its own
+    ("unexpected pos"), which says nothing of a full disk."""
+
+    PIECE = 8 << 20
+
+    def __init__(self, f: BinaryIO):
+        self.f, self.sha256, self.bytes = f, hashlib.sha256(), 0
+        self.error: Exception | None = None
+
+    def write(self, data) -> int:
+        view = memoryview(data).cast("B")
+        try:
+            for i in range(0, len(view), self.PIECE):
+                piece = view[i:i + self.PIECE]
+                self.sha256.update(piece)
+                self.f.write(piece)
+        except Exception as e:
+            self.error = self.error or e
+            raise
+        self.bytes += len(view)
+        return len(view)
+
+    def flush(self) -> None:
+        self.f.flush()
 
 
 # What each file must unpickle into for training to restore it. weights_only admits any nesting of tensors
@@ -112,7 +206,7 @@ class Checkpoint:
         return int(self.meta["step"])
 
 
-def load(url: str, parts: tuple[str, ...] = ("model", "optimizer", "rng")) -> Checkpoint:
+def load(url: str, parts: tuple[str, ...] = FILE_PARTS) -> Checkpoint:
     """Read a checkpoint folder, verifying every file against the manifest before unpickling-free loading."""
     store = Store(url)
     manifest = rundir.read_manifest(store)
@@ -143,12 +237,15 @@ class Checkpointer:
     """Writes checkpoints of one run from rank 0 on a background thread; one in flight at a time."""
 
     def __init__(self, run_url: str, keep_last: int, keep_best: bool, asynchronous: bool = True,
-                 retries: int = 3, log: Callable[[str], None] = print):
+                 retries: int = 3, log: Callable[[str], None] = print, host_budget_bytes: int = 8 * 10**9):
+        """host_budget_bytes: host memory kept between saves for the copy of the state (pinned where the state
+        is on a GPU); what does not fit is copied into memory freed after each write (see _Staging). The
+        default is checkpoint.host_buffer_gb's."""
         self.store = Store(run_url)
         self.keep_last, self.keep_best = keep_last, keep_best
         self.asynchronous, self.retries, self.log = asynchronous, retries, log
         self._thread: threading.Thread | None = None
-        self._staging: Any = None
+        self._staging = _Staging(host_budget_bytes)
         self.last_saved: int | None = None
         self.last_error: str | None = None
 
@@ -157,7 +254,7 @@ class Checkpointer:
     def manifested_steps(self) -> list[int]:
         return manifested_steps(self.store)
 
-    def load_newest(self, parts=("model", "optimizer", "rng")) -> Checkpoint | None:
+    def load_newest(self, parts: tuple[str, ...] = FILE_PARTS) -> Checkpoint | None:
         """The newest checkpoint that verifies; corrupt ones are reported and skipped, never loaded."""
         for step in reversed(self.manifested_steps()):
             url = f"{self.store.url}/{step_folder(step)}"
@@ -194,9 +291,13 @@ class Checkpointer:
     def save(self, step: int, model: dict, optimizer: dict, rng: list, meta: dict) -> None:
         """Snapshot to host memory now, write in the background."""
         self.wait()  # the previous write is done with the staging buffers
-        model, optimizer = self._staging = _to_host((model, optimizer), self._staging)
+        pin_error = self._staging.pin_error
+        model, optimizer = self._staging.snapshot((model, optimizer))
         if torch.cuda.is_available():
             torch.cuda.synchronize()  # the pinned copies above are asynchronous
+        if self._staging.pin_error != pin_error:
+            self.log(f"checkpoint: host memory could not be pinned ({self._staging.pin_error}): copies of the "
+                     "state go through pageable memory, which blocks training longer")
         args = (step, model, optimizer, rng, meta)
         if self.asynchronous:
             self._thread = threading.Thread(target=self._write_with_retries, args=args, name="checkpoint-writer", daemon=False)
@@ -229,23 +330,35 @@ class Checkpointer:
     def _write(self, step: int, model: dict, optimizer: dict, rng: list, meta: dict) -> None:
         folder = step_folder(step)
         self.store.remove(f"{folder}/{MANIFEST}")  # an older, different checkpoint of the same step stops existing first
-        files = {
-            "model.pt": _serialize(model),
-            "optimizer.pt": _serialize(optimizer),
-            "rng.pt": _serialize(rng),
-            META: json.dumps(meta, indent=2, sort_keys=True).encode(),
+        meta_json = json.dumps(meta, indent=2, sort_keys=True).encode()
+        writers = {
+            "model.pt": lambda f: torch.save(model, f),
+            "optimizer.pt": lambda f: torch.save(optimizer, f),
+            "rng.pt": lambda f: torch.save(rng, f),
+            META: lambda f: f.write(meta_json),
         }
-        for name, data in files.items():
-            self.store.write_bytes(f"{folder}/{name}", data)
+        files = {}
+        for name, write in writers.items():
+            # Serialized straight into the store, hashed on the way: no file is ever whole in memory.
+            with self.store.open_write(f"{folder}/{name}") as f:
+                out = _HashingFile(f)
+                try:
+                    write(out)
+                except Exception:
+                    if out.error is None:
+                        raise
+                    raise out.error from None
+            files[name] = {"bytes": out.bytes, "sha256": out.sha256.hexdigest()}
         manifest = {
             "format": rundir.FORMAT,
             "step": step,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "files": {n: {"bytes": len(d), "sha256": hashlib.sha256(d).hexdigest()} for n, d in files.items()},
+            "files": files,
         }
         self.store.write_text(f"{folder}/{MANIFEST}", json.dumps(manifest, indent=2))
         self.store.write_text(LATEST, step_name(step) + "\n")
-        self.log(f"checkpoint: saved {self.store.url}/{folder} ({sum(map(len, files.values())) / 1e6:.1f} MB)")
+        total = sum(e["bytes"] for e in files.values())
+        self.log(f"checkpoint: saved {self.store.url}/{folder} ({total / 1e6:.1f} MB)")
 
     def _prune(self) -> None:
         """Keep the newest keep_last, the best by val loss and final ones; drop the rest and leftovers."""
@@ -285,10 +398,6 @@ def _leaf(tree: dict, key: str) -> Any:
 
 # -- the checkpoints of a training run ------------------------------------------------------------
 
-# Parts with a file of their own; every other part's state_dict() is merged into meta.json.
-FILE_PARTS = ("model", "optimizer", "rng")
-
-
 class CheckpointManager:
     """The checkpoints of one run: where a start resumes from, when to save, and what a checkpoint holds.
 
@@ -300,7 +409,8 @@ class CheckpointManager:
 
     def __init__(self, cfg, run_dir: str, world, about: dict, log: Callable[[str], None] = print):
         self.cfg, self.world, self.about, self.log = cfg, world, about, log
-        self.writer = Checkpointer(run_dir, cfg.keep_last, cfg.keep_best, asynchronous=cfg.async_save, log=log)
+        self.writer = Checkpointer(run_dir, cfg.keep_last, cfg.keep_best, asynchronous=cfg.async_save, log=log,
+                                   host_budget_bytes=int(cfg.host_buffer_gb * 1e9))
         self.parts: dict[str, Any] = {}
         self.rollback: dict | None = None  # what a resume=best start set aside, for the events log
         self.course_changes: list[str] = []  # exactness given up with checkpoint.allow_changes, for the events log
@@ -326,10 +436,20 @@ class CheckpointManager:
         resume_url, init_url, note, error = collectives.broadcast_object(decision)
         if error:
             raise CheckpointError(error)
-        found = chosen or (load(resume_url) if resume_url else None)
-        if found:
-            self._check_course(found)
-        init = find(init_url, ("model",)) if init_url else None
+        # Each rank reads the files itself (and checks the data of its own node): a failure on any one must
+        # end every rank with the same line, not leave the others waiting in the next collective.
+        found = init = None
+        try:
+            found = chosen or (load(resume_url) if resume_url else None)
+            if found and not chosen:
+                self._check_course(found)
+            init = find(init_url, ("model",)) if init_url else None
+            mine = None
+        except CheckpointError as e:
+            mine = f"rank {self.world.rank}: {e}" if self.world.distributed else str(e)
+        failed = [e for e in collectives.all_gather_object(mine) if e]
+        if failed:
+            raise CheckpointError(failed[0])
         return found, init, note
 
     def _check_course(self, found: Checkpoint) -> None:
@@ -370,7 +490,7 @@ class CheckpointManager:
                 raise CheckpointError(f"run_dir '{run}' already has checkpoints (newest step {steps[-1]}) and "
                                       "checkpoint.resume=none: pick another run_dir, resume=auto, or overwrite=true")
             if steps:
-                for name in (CHECKPOINTS, rundir.METRICS, rundir.EVENTS):
+                for name in (CHECKPOINTS, rundir.ROLLED_BACK, rundir.METRICS, rundir.EVENTS):
                     self.writer.store.remove(name)
             fresh = "starting fresh" + (" (old checkpoints removed: overwrite=true)" if steps else "")
             return None, init_from or None, fresh + (f" from the weights of {init_from}" if init_from else "")
@@ -378,6 +498,7 @@ class CheckpointManager:
             return self._roll_back(), None, self.rollback["note"]
         found = self.writer.load_newest()
         if found:
+            self._check_course(found)
             self._drop_newer(found.step)
             ignored = f"; checkpoint.init_from={init_from} ignored: the run has its own" if init_from else ""
             return found, None, f"resuming from {found.url} (step {found.step}){ignored}"
@@ -399,7 +520,8 @@ class CheckpointManager:
         if found is None:
             raise CheckpointError(f"checkpoint.resume=best but '{self.writer.store.url}' has no checkpoint with a val loss")
         url, newest = found.url, max(manifested_steps(self.writer.store))
-        set_aside = self._drop_newer(found.step, keep_valid=True)
+        self._check_course(found)  # before anything is moved: a refused resume changes nothing
+        set_aside = self._drop_newer(found.step)
         where = f"{self.writer.store.url}/{rundir.ROLLED_BACK}/"
         note = (f"rolled back from step {newest} to the best checkpoint {url} (step {found.step}, val loss "
                 f"{found.meta['val_loss']:.4f})" + (f"; steps {', '.join(map(str, set_aside))} set aside in {where}"
@@ -409,21 +531,25 @@ class CheckpointManager:
         self.rollback = {"from_step": newest, "to_step": found.step, "set_aside": set_aside, "note": note}
         return found
 
-    def _drop_newer(self, step: int, keep_valid: bool = False) -> list[int]:
-        """Folders newer than the resume point would confuse retention and the next resume: those that do not
-        verify are removed, saying why; those that do (a rollback's) are set aside. Returns the steps set aside."""
+    def _drop_newer(self, step: int) -> list[int]:
+        """Folders newer than the resume point would confuse retention and the next resume. Those whose files
+        do not verify are removed, saying which check failed; those that verify (a rollback's, or one that
+        failed to load for a reason that may pass, such as memory) are set aside, never deleted. Returns the
+        steps set aside."""
         store, set_aside = self.writer.store, []
         for s, _ in list_steps(store):
             if s <= step:
                 continue
             problem = rundir.verify(store, s)
-            if problem is None and keep_valid:
+            if problem is None:
                 store.remove(f"{rundir.ROLLED_BACK}/{step_name(s)}")  # a half-finished earlier move
                 store.move(step_folder(s), f"{rundir.ROLLED_BACK}/{step_name(s)}")
                 set_aside.append(s)
+                if self.cfg.resume != "best":
+                    self.log(f"checkpoint: {step_name(s)} verifies but did not load: set aside in "
+                             f"{store.url}/{rundir.ROLLED_BACK}/")
                 continue
-            self.log(f"checkpoint: removing {step_name(s)}, newer than the resume point: "
-                     + (problem or "its files verify but do not load as a gpt-train checkpoint"))
+            self.log(f"checkpoint: removing {step_name(s)}, newer than the resume point: {problem}")
             store.remove(f"{step_folder(s)}/{MANIFEST}")
             store.remove(step_folder(s))
         return set_aside

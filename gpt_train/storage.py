@@ -1,17 +1,22 @@
 """Files of a run on any fsspec URL: a local path, file://, s3://, gs://, memory://.
 
-Object stores have no rename and no append. So a write here is a whole-object put (atomic on
-every object store) and, on local disk, a write to a temporary name followed by a rename.
+Object stores have no rename and no append. So a write here is an upload that the store makes visible
+only once it is complete (one put, or for a large file a multipart upload completed last: atomic on every
+object store) and, on local disk, a write to a temporary name followed by a rename. memory:// (tests) is
+the exception: it shows a file while it is being written.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import uuid
+from typing import BinaryIO, Iterator
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
+from fsspec.spec import AbstractBufferedFile
 
 from gpt_train.errors import StorageError
 
@@ -37,7 +42,12 @@ class Store:
             return StorageError(f"no space left on device writing '{self.url}/{rel}'")
         return StorageError(f"cannot {action} '{self.url}/{rel}': {type(e).__name__}: {e}")
 
-    def write_bytes(self, rel: str, data: bytes) -> None:
+    @contextlib.contextmanager
+    def open_write(self, rel: str) -> Iterator[BinaryIO]:
+        """A binary file to write `rel` through piece by piece, so that no whole file need be in memory.
+        Readers see the whole file or none of it (see the top of this module): the write completes when the
+        block ends. An error in the block, the caller's or the storage's, raises StorageError and, but on
+        memory://, leaves nothing new under the name."""
         target = self.path(rel)
         try:
             if self.local:
@@ -45,7 +55,7 @@ class Store:
                 tmp = f"{target}.tmp-{uuid.uuid4().hex[:8]}"
                 try:
                     with open(tmp, "wb") as f:
-                        f.write(data)
+                        yield f
                         f.flush()
                         os.fsync(f.fileno())
                     os.replace(tmp, target)
@@ -53,9 +63,22 @@ class Store:
                     if os.path.exists(tmp):
                         os.unlink(tmp)
             else:
-                self.fs.pipe_file(target, data)
+                f = self.fs.open(target, "wb")
+                try:
+                    yield f
+                except BaseException:
+                    with contextlib.suppress(Exception):  # at worst an upload stays unfinished: never visible
+                        f.discard()  # s3 and gcs abort the upload: no parts left behind, nothing appears
+                    if isinstance(f, AbstractBufferedFile):
+                        f.closed = True  # else its finalizer closes it, which would commit the part written
+                    raise
+                f.close()
         except Exception as e:
             raise self._fail("write", rel, e) from None
+
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        with self.open_write(rel) as f:
+            f.write(data)
 
     def write_text(self, rel: str, text: str) -> None:
         self.write_bytes(rel, text.encode())

@@ -1,5 +1,9 @@
 """Checkpoints: never half-written, verified before loading, and an exact resume after a real kill -9."""
 
+import contextlib
+import errno
+import gc
+import hashlib
 import json
 import os
 import pickle
@@ -10,14 +14,16 @@ import subprocess
 import sys
 import textwrap
 import time
+import weakref
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from gpt_train.checkpoint import Checkpointer, load
-from gpt_train.errors import CheckpointError
+from gpt_train import checkpoint
+from gpt_train.checkpoint import Checkpointer, _HashingFile, load
+from gpt_train.errors import CheckpointError, StorageError
 from gpt_train.rundir import list_steps
 from gpt_train.storage import Store
 from helpers import REPO, cli, losses, tiny_data, train_args  # noqa: F401
@@ -100,7 +106,6 @@ def test_foreign_pickle_is_refused(mem_run):
     payload = pickle.dumps(Evil())
     store.write_bytes("checkpoints/step-00000001/model.pt", payload)
     manifest = json.loads(store.read_text("checkpoints/step-00000001/MANIFEST.json"))
-    import hashlib
     manifest["files"]["model.pt"] = {"bytes": len(payload), "sha256": hashlib.sha256(payload).hexdigest()}
     store.write_text("checkpoints/step-00000001/MANIFEST.json", json.dumps(manifest))
     with pytest.raises(CheckpointError, match="not a gpt-train checkpoint file") as refused:
@@ -142,6 +147,134 @@ def test_save_snapshots_so_training_can_change_the_weights_at_once(mem_run):
     weights["w"].add_(1.0)  # the next optimizer step, while the writer runs
     assert ck.wait()
     assert torch.count_nonzero(load(f"{mem_run}/checkpoints/step-00000001").model["w"]) == 0
+
+
+@pytest.fixture(params=["local", "memory", pytest.param("s3", marks=pytest.mark.s3)])
+def any_run(request, tmp_path, mem_run):
+    """A run directory on local disk, on memory:// and on moto's S3."""
+    if request.param == "local":
+        return str(tmp_path / "run")
+    if request.param == "memory":
+        return mem_run
+    return f"{request.getfixturevalue('s3_bucket')}/run"
+
+
+def test_large_files_are_streamed_and_the_manifest_matches_them(any_run, monkeypatch):
+    big = 96 << 20  # bytes in each of model.pt and optimizer.pt: past s3fs's 50 MiB part, two parts
+    g = torch.Generator().manual_seed(3)
+    model = {"w": torch.randn(big // 4, generator=g), "b": torch.randn(7, generator=g)}
+    optimizer = {"optimizer": {"state": {"w": {"exp_avg": torch.randn(big // 4, generator=g)}}, "param_groups": []}}
+    largest = []  # the largest single write each file receives: what its store has to buffer
+    real = Store.open_write
+
+    @contextlib.contextmanager
+    def recorded(self, rel):
+        with real(self, rel) as f:
+            sizes = [0]
+            write = f.write
+            f.write = lambda data: sizes.append(len(data)) or write(data)
+            yield f
+        largest.append(max(sizes))
+
+    monkeypatch.setattr(Store, "open_write", recorded)
+    ck = Checkpointer(any_run, keep_last=1, keep_best=False, log=lambda m: None)
+    ck.save(1, model, optimizer, [{"rank": 0}], {"step": 1})
+    assert ck.wait(), ck.last_error
+    assert max(largest) <= _HashingFile.PIECE < big  # no file went to the store in one piece
+
+    folder = Store(f"{any_run}/checkpoints/step-00000001")
+    manifest = json.loads(folder.read_text("MANIFEST.json"))
+    for name, entry in manifest["files"].items():
+        data = Path(folder.path(name)).read_bytes() if folder.local else folder.read_bytes(name)
+        assert entry == {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}, name
+    assert manifest["files"]["model.pt"]["bytes"] > big
+    loaded = load(folder.url)
+    assert torch.equal(loaded.model["w"], model["w"])
+    assert torch.equal(loaded.optimizer["optimizer"]["state"]["w"]["exp_avg"], optimizer["optimizer"]["state"]["w"]["exp_avg"])
+    if folder.local:
+        assert sorted(os.listdir(folder.path())) == ["MANIFEST.json", "meta.json", "model.pt", "optimizer.pt", "rng.pt"]
+
+
+@pytest.mark.parametrize("where", ["local", pytest.param("s3", marks=pytest.mark.s3)])
+def test_a_write_that_fails_half_way_leaves_nothing(where, tmp_path, request):
+    url = str(tmp_path / "run") if where == "local" else f"{request.getfixturevalue('s3_bucket')}/run"
+    store = Store(url)
+    with pytest.raises(StorageError, match=r"cannot write '.*/big\.pt': ValueError: serializer broke"):
+        with store.open_write("big.pt") as f:
+            f.write(os.urandom(1 << 20) * 60)  # 60 MiB: on S3 a multipart upload has begun
+            raise ValueError("serializer broke")
+    assert store.listdir() == []  # no temporary file, no object
+    if where == "s3":
+        bucket = url[len("s3://"):].split("/")[0]
+        assert not store.fs.call_s3("list_multipart_uploads", Bucket=bucket).get("Uploads")  # no parts kept
+
+
+def test_a_disk_that_fills_during_serialization_is_reported_as_full(tmp_path, monkeypatch):
+    real = Store.open_write
+
+    @contextlib.contextmanager
+    def filling(self, rel):
+        with real(self, rel) as f:
+            if rel.endswith("model.pt"):
+                def write(data):
+                    raise OSError(errno.ENOSPC, "No space left on device")
+                f.write = write
+            yield f
+
+    monkeypatch.setattr(Store, "open_write", filling)
+    monkeypatch.setattr(time, "sleep", lambda s: None)
+    ck = Checkpointer(str(tmp_path / "run"), keep_last=1, keep_best=False, retries=1, log=lambda m: None)
+    ck.save(1, {"w": torch.randn(1 << 20)}, {"optimizer": {}}, [], {"step": 1})
+    assert not ck.wait()
+    assert ck.last_error.startswith("StorageError: no space left on device writing '")  # not torch's "unexpected pos"
+    assert os.listdir(tmp_path / "run" / "checkpoints" / "step-00000001") == []
+
+
+def staged(ck: Checkpointer) -> list[torch.Tensor]:
+    """The staging buffers the checkpointer keeps between saves."""
+    out, todo = [], [ck._staging.kept]
+    while todo:
+        node = todo.pop()
+        if isinstance(node, torch.Tensor):
+            out.append(node)
+        elif isinstance(node, dict):
+            todo.extend(node.values())
+        elif isinstance(node, (list, tuple)):
+            todo.extend(node)
+    return out
+
+
+def test_staging_buffers_stay_within_the_host_budget(mem_run, monkeypatch):
+    made = []
+    real = checkpoint._host_empty
+    monkeypatch.setattr(checkpoint, "_host_empty", lambda *a, **kw: made.append(weakref.ref(t := real(*a, **kw))) or t)
+    weights = {"a": torch.randn(256, 256), "b": torch.randn(256, 128)}  # 256 KiB and 128 KiB
+    opt = {"optimizer": {"state": {}, "param_groups": []}}
+
+    # Budget 0: a private copy for each save, gone once it is written
+    ck = Checkpointer(mem_run, keep_last=3, keep_best=False, log=lambda m: None, host_budget_bytes=0)
+    for step in (1, 2):
+        ck.save(step, weights, opt, [], {"step": step})
+        assert ck.wait(), ck.last_error
+        assert staged(ck) == []
+        gc.collect()
+        assert len(made) == 2 * step and all(ref() is None for ref in made)
+    assert torch.equal(load(f"{mem_run}/checkpoints/step-00000002").model["b"], weights["b"])
+
+    # Room for "a" only: its buffer is kept and reused, "b" is copied afresh each time
+    made.clear()
+    ck = Checkpointer(mem_run, keep_last=3, keep_best=False, log=lambda m: None, host_budget_bytes=300 << 10)
+    ck.save(3, weights, opt, [], {"step": 3})
+    assert ck.wait(), ck.last_error
+    (kept,) = staged(ck)
+    assert kept.shape == weights["a"].shape and kept.untyped_storage().nbytes() == 256 * 256 * 4  # exact size
+    weights["a"].add_(1.0)
+    ck.save(4, weights, opt, [], {"step": 4})
+    assert ck.wait(), ck.last_error
+    assert staged(ck)[0] is kept and len(made) == 3  # a, b, then b again
+    gc.collect()
+    assert [ref() is None for ref in made] == [False, True, True]
+    assert torch.equal(load(f"{mem_run}/checkpoints/step-00000004").model["a"], weights["a"])
 
 
 WRITER = textwrap.dedent("""
