@@ -85,11 +85,11 @@ class BufferedCheckpointer(Checkpointer):
     """The comparison: each file serialized whole into memory, all of them held until the manifest is
     written, as Checkpointer wrote them before it streamed them."""
 
-    def _write(self, step, model, optimizer, rng, meta) -> None:
+    def _write(self, step, copies, rng, meta) -> None:
         folder = rundir.step_folder(step)
         self.store.remove(f"{folder}/{rundir.MANIFEST}")
         files = {}
-        for name, obj in (("model.pt", model), ("optimizer.pt", optimizer), ("rng.pt", rng)):
+        for name, obj in (*copies.items(), ("rng.pt", rng)):
             buf = io.BytesIO()
             torch.save(obj, buf)
             files[name] = buf.getvalue()

@@ -135,8 +135,9 @@ def worker(args: argparse.Namespace) -> None:
             blocked.append(ckpt.save(val_loss=None))
             assert ckpt.wait() if world.is_main else True, ckpt.writer.last_error
             total.append(time.perf_counter() - t0)
-    rows["full state to rank 0"] = {"blocked": min(blocked[1:]), "total": min(total[1:]), "peak": memory.peak,
-                                    "kept": memory.end, "folder": f"full/checkpoints/{rundir.step_name(3)}"}
+    if world.is_main:  # the other ranks' save returns None: they only take part in the gathering
+        rows["full state to rank 0"] = {"blocked": min(blocked[1:]), "total": min(total[1:]), "peak": memory.peak,
+                                        "kept": memory.end, "folder": f"full/checkpoints/{rundir.step_name(3)}"}
     del ckpt, parts
 
     # (b) DCP, synchronous and asynchronous: nothing is kept between saves; the better of two saves counts

@@ -10,6 +10,10 @@
 
 A folder without a verifying manifest does not exist as far as resume is concerned: a writer
 killed at any moment leaves at worst an ignored folder, which the next writer removes.
+
+A save copies the state into host memory (kept for the next save up to checkpoint.host_buffer_gb, see
+_Staging) and then serializes each file straight into the store, hashing it on the way: no file is ever
+whole in memory.
 """
 
 from __future__ import annotations
@@ -50,16 +54,20 @@ class _PinnedPages(mmap.mmap):
     """Anonymous pages registered with CUDA (page-locked), unregistered when the last tensor on them goes."""
 
     ptr: int | None = None  # set once registered
+    device: int = 0
 
     def __del__(self):
-        # Before the pages are unmapped. The result is not checked: at interpreter exit CUDA may already be gone,
-        # and the pages go back to the system with the mapping either way.
+        # Before the pages are unmapped. On the GPU of the copy: a CUDA call on a thread that never chose one
+        # would start a context on GPU 0. The result is not checked: at interpreter exit CUDA may already be
+        # gone, and the pages go back to the system with the mapping either way.
         if self.ptr is not None:
-            torch.cuda.cudart().cudaHostUnregister(self.ptr)
+            with torch.cuda.device(self.device):
+                torch.cuda.cudart().cudaHostUnregister(self.ptr)
 
 
-def _host_empty(shape: torch.Size, dtype: torch.dtype, pin: bool) -> torch.Tensor:
-    """An uninitialized host tensor on pages of its own, of exactly its size (to the page); `pin`: page-locked.
+def _host_empty(shape: torch.Size, dtype: torch.dtype, pinned_for: torch.device | None = None) -> torch.Tensor:
+    """An uninitialized host tensor on pages of its own, of exactly its size (to the page); page-locked for
+    copies from the GPU `pinned_for`.
 
     Own pages, not an allocator's: the caching host allocator behind `pin_memory=True` rounds every block up
     to a power of two and keeps freed blocks for reuse, and glibc keeps freed memory for the next malloc when
@@ -68,14 +76,15 @@ def _host_empty(shape: torch.Size, dtype: torch.dtype, pin: bool) -> torch.Tenso
     nbytes = math.prod(shape) * dtype.itemsize
     if nbytes == 0:
         return torch.empty(shape, dtype=dtype)
-    pages = (_PinnedPages if pin else mmap.mmap)(-1, nbytes)
+    pages = (_PinnedPages if pinned_for is not None else mmap.mmap)(-1, nbytes)
     flat = torch.frombuffer(pages, dtype=torch.uint8)
-    if pin:
+    if pinned_for is not None:
         cudart = torch.cuda.cudart()
-        result = cudart.cudaHostRegister(flat.data_ptr(), nbytes, 0)
+        with torch.cuda.device(pinned_for):
+            result = cudart.cudaHostRegister(flat.data_ptr(), nbytes, 1)  # cudaHostRegisterPortable: every context's
         if result != cudart.cudaError.success:
             raise RuntimeError(f"cudaHostRegister of {nbytes} bytes: {cudart.cudaGetErrorString(result)}")
-        pages.ptr = flat.data_ptr()
+        pages.ptr, pages.device = flat.data_ptr(), pinned_for.index  # a tensor's device always has its index
     return flat.view(dtype).view(shape)
 
 
@@ -108,7 +117,7 @@ class _Staging:
             nbytes = src.numel() * src.element_size()
             keep = nbytes <= self._room
             if not keep:
-                return _host_empty(src.shape, src.dtype, pin=False).copy_(src), None
+                return _host_empty(src.shape, src.dtype).copy_(src), None
             self._room -= nbytes
             fits = isinstance(reuse, torch.Tensor) and reuse.shape == src.shape and reuse.dtype == src.dtype
             dst = reuse if fits else self._new(src)
@@ -127,10 +136,10 @@ class _Staging:
     def _new(self, src: torch.Tensor) -> torch.Tensor:
         if src.device.type == "cuda" and self.pin_error is None:
             try:
-                return _host_empty(src.shape, src.dtype, pin=True)
+                return _host_empty(src.shape, src.dtype, pinned_for=src.device)
             except RuntimeError as e:
                 self.pin_error = str(e)
-        return _host_empty(src.shape, src.dtype, pin=False)
+        return _host_empty(src.shape, src.dtype)
 
 
 class _HashingFile:
@@ -154,7 +163,8 @@ class _HashingFile:
                 self.sha256.update(piece)
                 self.f.write(piece)
         except Exception as e:
-            self.error = self.error or e
+            # kept without its traceback, whose frames (torch.save's) hold the copy being written
+            self.error = self.error or e.with_traceback(None)
             raise
         self.bytes += len(view)
         return len(view)
@@ -292,13 +302,13 @@ class Checkpointer:
         """Snapshot to host memory now, write in the background."""
         self.wait()  # the previous write is done with the staging buffers
         pin_error = self._staging.pin_error
-        model, optimizer = self._staging.snapshot((model, optimizer))
+        copies = dict(zip(("model.pt", "optimizer.pt"), self._staging.snapshot((model, optimizer))))
         if torch.cuda.is_available():
             torch.cuda.synchronize()  # the pinned copies above are asynchronous
         if self._staging.pin_error != pin_error:
             self.log(f"checkpoint: host memory could not be pinned ({self._staging.pin_error}): copies of the "
                      "state go through pageable memory, which blocks training longer")
-        args = (step, model, optimizer, rng, meta)
+        args = (step, copies, rng, meta)
         if self.asynchronous:
             self._thread = threading.Thread(target=self._write_with_retries, args=args, name="checkpoint-writer", daemon=False)
             self._thread.start()
@@ -312,10 +322,21 @@ class Checkpointer:
             self._thread = None
         return self.last_error is None
 
-    def _write_with_retries(self, step, model, optimizer, rng, meta) -> None:
+    def _write_with_retries(self, step: int, copies: dict, rng: list, meta: dict) -> None:
+        """`copies` (file name: the host copy it holds) is emptied once the write is over, and no frame binds
+        a copy to a name of its own: frames can outlive their call in a reference cycle that only the cyclic
+        collector frees, which may run much later (an exception a library caught and kept: fsspec's sync()
+        keeps the one it raises in a local), and a frame holds its callers'. Copies past the host budget are
+        then freed when their write ends."""
+        try:
+            self._write_attempts(step, copies, rng, meta)
+        finally:
+            copies.clear()
+
+    def _write_attempts(self, step: int, copies: dict, rng: list, meta: dict) -> None:
         for attempt in range(1, self.retries + 1):
             try:
-                self._write(step, model, optimizer, rng, meta)
+                self._write(step, copies, rng, meta)
                 self.last_saved, self.last_error = step, None
                 self._prune()
                 return
@@ -327,13 +348,13 @@ class Checkpointer:
                  "Training goes on; the last good checkpoint is "
                  + (step_name(self.last_saved) if self.last_saved is not None else "none yet"))
 
-    def _write(self, step: int, model: dict, optimizer: dict, rng: list, meta: dict) -> None:
+    def _write(self, step: int, copies: dict, rng: list, meta: dict) -> None:
         folder = step_folder(step)
         self.store.remove(f"{folder}/{MANIFEST}")  # an older, different checkpoint of the same step stops existing first
         meta_json = json.dumps(meta, indent=2, sort_keys=True).encode()
         writers = {
-            "model.pt": lambda f: torch.save(model, f),
-            "optimizer.pt": lambda f: torch.save(optimizer, f),
+            "model.pt": lambda f: torch.save(copies["model.pt"], f),
+            "optimizer.pt": lambda f: torch.save(copies["optimizer.pt"], f),
             "rng.pt": lambda f: torch.save(rng, f),
             META: lambda f: f.write(meta_json),
         }
@@ -347,7 +368,8 @@ class Checkpointer:
                 except Exception:
                     if out.error is None:
                         raise
-                    raise out.error from None
+                if out.error is not None:
+                    raise out.error  # outside the except clause: not chained to torch's message about it
             files[name] = {"bytes": out.bytes, "sha256": out.sha256.hexdigest()}
         manifest = {
             "format": rundir.FORMAT,

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import types
 import weakref
 from pathlib import Path
 
@@ -244,7 +245,27 @@ def staged(ck: Checkpointer) -> list[torch.Tensor]:
     return out
 
 
-def test_staging_buffers_stay_within_the_host_budget(mem_run, monkeypatch):
+@pytest.fixture
+def cycles_kept(monkeypatch):
+    """The cyclic garbage collector off, and Store.remove leaving a reference cycle through its frame, as
+    fsspec's sync() does on S3 (it keeps the exception it raises in a local): a frame in a cycle holds its
+    callers' frames, so only what no frame names of its own is freed when the last reference goes."""
+    real = Store.remove
+
+    def remove(self, rel):
+        try:
+            raise FileNotFoundError(rel)
+        except FileNotFoundError as e:
+            kept = e  # noqa: F841
+        real(self, rel)
+
+    monkeypatch.setattr(Store, "remove", remove)
+    gc.disable()
+    yield
+    gc.enable()
+
+
+def test_staging_buffers_stay_within_the_host_budget(mem_run, monkeypatch, cycles_kept):
     made = []
     real = checkpoint._host_empty
     monkeypatch.setattr(checkpoint, "_host_empty", lambda *a, **kw: made.append(weakref.ref(t := real(*a, **kw))) or t)
@@ -257,7 +278,6 @@ def test_staging_buffers_stay_within_the_host_budget(mem_run, monkeypatch):
         ck.save(step, weights, opt, [], {"step": step})
         assert ck.wait(), ck.last_error
         assert staged(ck) == []
-        gc.collect()
         assert len(made) == 2 * step and all(ref() is None for ref in made)
     assert torch.equal(load(f"{mem_run}/checkpoints/step-00000002").model["b"], weights["b"])
 
@@ -272,9 +292,54 @@ def test_staging_buffers_stay_within_the_host_budget(mem_run, monkeypatch):
     ck.save(4, weights, opt, [], {"step": 4})
     assert ck.wait(), ck.last_error
     assert staged(ck)[0] is kept and len(made) == 3  # a, b, then b again
-    gc.collect()
     assert [ref() is None for ref in made] == [False, True, True]
     assert torch.equal(load(f"{mem_run}/checkpoints/step-00000004").model["a"], weights["a"])
+
+
+class FakeCudart:
+    """torch.cuda.cudart() for a machine without a GPU: records what would be pinned, and may refuse."""
+
+    class cudaError:
+        success = 0
+
+    def __init__(self, refuse: bool = False):
+        self.refuse, self.calls = refuse, []
+
+    def cudaHostRegister(self, ptr, nbytes, flags):
+        self.calls.append(("register", ptr, nbytes))
+        return 2 if self.refuse else 0
+
+    def cudaHostUnregister(self, ptr):
+        self.calls.append(("unregister", ptr))
+        return 0
+
+    def cudaGetErrorString(self, result):
+        return "out of memory"
+
+
+def test_pinned_staging_is_registered_at_its_size_and_unregistered_with_its_tensor(monkeypatch):
+    cudart = FakeCudart()
+    monkeypatch.setattr(torch.cuda, "cudart", lambda: cudart)
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
+    t = checkpoint._host_empty(torch.Size((1000, 3)), torch.bfloat16, pinned_for=torch.device("cuda", 0))
+    ptr = t.data_ptr()
+    assert cudart.calls == [("register", ptr, 6000)]  # exactly its bytes: no rounding up
+    assert t.shape == (1000, 3) and t.dtype == torch.bfloat16 and t.untyped_storage().nbytes() == 6000
+    view = t[10:]
+    del t
+    assert len(cudart.calls) == 1  # a view still uses the pages
+    del view
+    assert cudart.calls == [("register", ptr, 6000), ("unregister", ptr)]
+
+    # CUDA refuses: one message, pageable copies from then on
+    refusing = FakeCudart(refuse=True)
+    monkeypatch.setattr(torch.cuda, "cudart", lambda: refusing)
+    staging = checkpoint._Staging(1 << 20)
+    on_gpu = types.SimpleNamespace(device=torch.device("cuda", 0), shape=torch.Size((4, 4)), dtype=torch.float32)
+    assert staging._new(on_gpu).shape == (4, 4) and staging.pin_error == "cudaHostRegister of 64 bytes: out of memory"
+    staging._new(on_gpu)
+    gc.collect()
+    assert [c[0] for c in refusing.calls] == ["register"]  # tried once; pages never registered are not unregistered
 
 
 WRITER = textwrap.dedent("""
