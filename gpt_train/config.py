@@ -134,6 +134,28 @@ class PreemptionConfig:
 
 
 @dataclass
+class FaultConfig:
+    # No progress (a step, an evaluation, a save) for this long is a hang: every rank that can still run dumps
+    # its stacks into RUN/diagnostics/ and exits protocol.EXIT_HANG, to be restarted. 0: derived from the slowest
+    # step and save seen in this run (several times over), and at least hang_floor_s, so that a big model's slow
+    # save is not a hang. distributed.timeout_s stays the backstop.
+    hang_timeout_s: float = 0.0
+    hang_floor_s: float = 300.0
+    # A non-finite loss or gradient norm skips that optimizer step; this many skipped in a row roll the run back
+    # to its last checkpoint and past the data that caused them. 0: never skip, a non-finite loss ends the run.
+    max_bad_steps: int = 3
+    # Crashes and hangs restarted inside the same allocation (a new srun, or torchrun locally) before the job is
+    # requeued; a requeue waits in the queue again, a new srun takes seconds.
+    in_job_restarts: int = 2
+    # Failures at the same step, from the same checkpoint, restarted this many times stop the job for good:
+    # a deterministic bug must not burn the allocation.
+    max_restarts_without_progress: int = 2
+    # At every start: the device works, a timed all-reduce across the ranks, a timed write/read/delete in run_dir.
+    # A node that fails it is left behind when the job is requeued.
+    preflight: bool = True
+
+
+@dataclass
 class Config:
     run_dir: str = "runs/default"  # local path or fsspec URL; everything the run writes goes here
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -145,6 +167,7 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     preemption: PreemptionConfig = field(default_factory=PreemptionConfig)
+    fault: FaultConfig = field(default_factory=FaultConfig)
 
     @property
     def seq_len(self) -> int:
@@ -385,7 +408,8 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     for key in ("model.vocab_size", "train.seq_len", "train.eval_interval", "train.sample_interval",
                 "train.sample_tokens", "schedule.warmup_steps", "schedule.decay_steps", "checkpoint.interval",
                 "checkpoint.every_minutes", "checkpoint.host_buffer_gb", "optim.weight_decay", "optim.grad_clip", "optim.eps", "schedule.min_lr",
-                "preemption.deadline_margin_s", "preemption.grace_s"):
+                "preemption.deadline_margin_s", "preemption.grace_s", "fault.hang_timeout_s", "fault.hang_floor_s",
+                "fault.max_bad_steps", "fault.in_job_restarts", "fault.max_restarts_without_progress"):
         need(get_value(cfg, key) >= 0, f"config key '{key}' must not be negative")
     need(m.n_embd % m.n_head == 0, f"config key 'model.n_embd' ({m.n_embd}) must be divisible by model.n_head ({m.n_head})")
     need(0.0 <= m.dropout < 1.0, "config key 'model.dropout' must be in [0, 1)")

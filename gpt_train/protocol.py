@@ -12,6 +12,7 @@ that `python -m gpt_train.protocol sync` rewrites (a test fails when the copy di
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 from pathlib import Path
@@ -20,9 +21,29 @@ from pathlib import Path
 EXIT_OK = 0
 EXIT_USER_ERROR = 2  # bad config, missing data, a checkpoint of another model: retrying cannot help
 EXIT_REQUEUE = 75  # EX_TEMPFAIL: the ranks checkpointed and stopped; requeue (or rerun) to continue
+EXIT_HANG = 76  # the hang watchdog saw no progress: stacks dumped in RUN/diagnostics/; restart
+EXIT_BAD_NODE = 77  # the start-up check failed on a node: requeue without it (NODE_REPORT_VAR names it)
+EXIT_GAVE_UP = 78  # the restart policy stopped the job: the same failure again and again; do not retry
+# Anything else (1, 128+signal) is a crash: restart.
 EXIT_USR2 = 128 + 12  # killed by SIGUSR2 (12 on Linux, where SLURM runs; not signal.SIGUSR2 of this machine)
 
 DEADLINE_VAR = "GPT_TRAIN_DEADLINE"  # the job's end time (epoch seconds), from the batch shell to the trainer
+# A file on a file system that the batch shell and every node share: one line "HOST<TAB>why" per node that a
+# rank found unhealthy; the batch shell excludes those nodes when it requeues the job.
+NODE_REPORT_VAR = "GPT_TRAIN_NODE_REPORT"
+# The exit code of the ranks' previous attempt in this allocation, from the batch shell or the local launcher:
+# the trainer records the end of an attempt that died before it could (a SIGKILL, a lost node).
+PREVIOUS_EXIT_VAR = "GPT_TRAIN_PREVIOUS_EXIT"
+
+
+def report_bad_node(host: str, why: str, env: dict[str, str] | None = None) -> str | None:
+    """Append HOST to the job's node report (NODE_REPORT_VAR), if the launcher set one; the file's path."""
+    path = (os.environ if env is None else env).get(NODE_REPORT_VAR)
+    if not path:
+        return None
+    with open(path, "a") as f:  # one short line: appends from several nodes do not interleave
+        f.write(f"{host}\t{' '.join(why.split())}\n")
+    return path
 
 
 # -- rendezvous of a SLURM job ---------------------------------------------------------------------------
