@@ -97,7 +97,7 @@ if [ "$procs" -eq 0 ] && [ ${#extra[@]} -eq 0 ]; then
   else
     say "no GPU visible: training in one process on CPU"
   fi
-  launch "$PYTHON" -m gpt_train train "$@"
+  launch "$PYTHON" -m gpt_train.supervise --ranks 1 -- "$PYTHON" -m gpt_train train "$@"
 fi
 [ "$procs" -gt 0 ] || procs=1
 
@@ -118,4 +118,8 @@ fi
 say "$why: torchrun --nproc-per-node=$procs, OMP_NUM_THREADS=$OMP_NUM_THREADS"
 torchrun=(torchrun)
 command -v torchrun >/dev/null 2>&1 || torchrun=("$PYTHON" -m torch.distributed.run)
-launch "${torchrun[@]}" --nproc-per-node="$procs" "${extra[@]}" -m gpt_train train "$@"
+read -r -a flags <<<"$("$PYTHON" -m gpt_train.supervise --torchrun-flags)"
+# gpt_train.supervise: the ranks started again after a crash or a hang, and the job's exit code from theirs (75 for
+# a checkpointed stop, which torchrun alone would report as 1), by the rules of the SLURM batch shell.
+launch "$PYTHON" -m gpt_train.supervise --ranks "$procs" -- \
+  "${torchrun[@]}" --nproc-per-node="$procs" "${extra[@]}" "${flags[@]}" -m gpt_train train "$@"

@@ -576,6 +576,27 @@ class CheckpointManager:
             store.remove(step_folder(s))
         return set_aside
 
+    def last_good(self) -> Checkpoint | None:
+        """The newest checkpoint that loads, for a rollback inside a running job: rank 0 finds it, every rank
+        reads it (a failure on one is an error on all)."""
+        from gpt_train import collectives
+
+        url = None
+        if self.world.is_main:
+            found = self.writer.load_newest()
+            url = found and found.url
+        url = collectives.broadcast_object(url)
+        if url is None:
+            return None
+        try:
+            found, mine = (found if self.world.is_main else load(url)), None
+        except CheckpointError as e:
+            found, mine = None, f"rank {self.world.rank}: {e}"
+        failed = [e for e in collectives.all_gather_object(mine) if e]
+        if failed:
+            raise CheckpointError(failed[0])
+        return found
+
     # -- restoring -----------------------------------------------------------------------------
 
     def load_weights(self, found: Checkpoint) -> None:

@@ -42,14 +42,24 @@ def main(argv: list[str] | None = None) -> int:
             module = importlib.import_module(module_name)
             module.add_arguments(command)
     args = parser.parse_args(argv)
+    code = 1
     try:
-        return module.run(args)
+        code = module.run(args)
     except UserError as e:
         print(f"gpt-train {args.command}: error: {e}", file=sys.stderr, flush=True)
-        return e.exit_code
+        code = e.exit_code
     except KeyboardInterrupt:
         print(f"gpt-train {args.command}: interrupted", file=sys.stderr)
-        return 130
+        code = 130
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+        raise
+    finally:
+        if args.command == "train":  # for a launcher that sees only torchrun's code (protocol.outcome)
+            from gpt_train.protocol import record_exit
+
+            record_exit(code)
+    return code
 
 
 if __name__ == "__main__":

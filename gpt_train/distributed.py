@@ -343,6 +343,10 @@ def init(world: World, device: torch.device, cfg) -> str | None:
         applied.append(f"{name}={value}" + (f" (was {before})" if before not in (None, value) else ""))
     if torch.cuda.is_available() and backend == "nccl":
         os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")  # torchrun's default, for srun too
+        # NCCL's Flight Recorder keeps the last collectives of each rank only when given a buffer: the hang
+        # watchdog dumps it next to the stacks (RUN/diagnostics/), where it shows which collective a rank is in.
+        if not (os.environ.get("TORCH_FR_BUFFER_SIZE") or os.environ.get("TORCH_NCCL_TRACE_BUFFER_SIZE")):
+            os.environ["TORCH_FR_BUFFER_SIZE"] = os.environ["TORCH_NCCL_TRACE_BUFFER_SIZE"] = "2000"
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = addr, str(port)
     for name, value in (("RANK", world.rank), ("WORLD_SIZE", world.world_size), ("LOCAL_RANK", world.local_rank),
                         ("LOCAL_WORLD_SIZE", world.local_world_size)):

@@ -21,7 +21,7 @@ import time
 import uuid
 from collections.abc import Callable, Mapping
 
-from gpt_train import rundir
+from gpt_train import protocol, recovery, rundir
 from gpt_train.errors import UserError
 from gpt_train.storage import Store
 
@@ -69,8 +69,11 @@ class Lease:
         self.record = {
             "token": self.token, "host": socket.gethostname(), "pid_ns": _pid_namespace(), "pid": os.getpid(),
             "slurm_job": env.get("SLURM_JOB_ID") or None, "attempt": int(env.get("SLURM_RESTART_COUNT") or 0),
-            "heartbeat": None, "started": None,
+            "allocation": recovery.allocation(env), "heartbeat": None, "started": None,
         }
+        # The launcher saw the attempt before this one in the allocation end (a crash, a hang, SIGKILL): its
+        # lease is stale now, not lease_stale_s later.
+        self.previous_exit = env.get(protocol.PREVIOUS_EXIT_VAR)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -89,6 +92,8 @@ class Lease:
     def _stale(self, holder: dict, now: float) -> str | None:
         """Why the holder is gone, or None while it may still be writing."""
         beat = holder.get("heartbeat")
+        if self.previous_exit and holder.get("allocation") and holder.get("allocation") == self.record["allocation"]:
+            return f"the attempt before this one in the allocation ended (exit {self.previous_exit})"
         if not isinstance(beat, (int, float)):
             return "its lease file has no readable heartbeat"
         if now - beat > self.stale_after_s:

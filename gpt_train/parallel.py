@@ -121,7 +121,15 @@ class ModelState:
 
 
 def load_model_state(model: torch.nn.Module, state: dict, source: str) -> None:
-    """Weights saved by `model_state` into a plain (not yet wrapped) model; the tied matrix comes with wte."""
+    """Weights saved by `model_state` into the plain model, before it is wrapped or after (a rollback: FSDP2
+    has sharded it in place, and each rank keeps its shard of the full tensors); the tied matrix comes with wte."""
+    from torch.distributed.tensor import DTensor
+
+    if any(isinstance(p, DTensor) for p in model.parameters()):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=False))
+        return
     missing, unexpected = model.load_state_dict(state, strict=False)
     if set(missing) - {TIED_WEIGHT} or unexpected:
         raise CheckpointError(f"checkpoint '{source}' does not fit the model: missing {sorted(missing)[:3]}, "

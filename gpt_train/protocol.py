@@ -34,6 +34,55 @@ NODE_REPORT_VAR = "GPT_TRAIN_NODE_REPORT"
 # The exit code of the ranks' previous attempt in this allocation, from the batch shell or the local launcher:
 # the trainer records the end of an attempt that died before it could (a SIGKILL, a lost node).
 PREVIOUS_EXIT_VAR = "GPT_TRAIN_PREVIOUS_EXIT"
+# The local launcher's run (torchrun, docker): the restarts it makes share it, as a SLURM allocation's do.
+LAUNCH_VAR = "GPT_TRAIN_LAUNCH_ID"
+# A folder where each rank writes its exit code as it ends (rank-K): torchrun reports any failure as 1, and
+# the launcher must tell a checkpointed stop (75) from a hang, a bad node or a user error.
+EXIT_DIR_VAR = "GPT_TRAIN_EXIT_DIR"
+# The order in which the ranks' codes decide the job's: what must not be retried first, a clean exit last.
+_PRECEDENCE = (EXIT_USER_ERROR, EXIT_GAVE_UP, EXIT_BAD_NODE, EXIT_HANG)
+# Exits after which the ranks are not started again in the same allocation (everything else is a crash or a
+# hang): done, a user error, checkpointed for a requeue, a node to leave behind, the restart policy's verdict,
+# the time limit's USR2.
+NO_RESTART = (EXIT_OK, EXIT_USER_ERROR, EXIT_REQUEUE, EXIT_BAD_NODE, EXIT_GAVE_UP, EXIT_USR2)
+
+
+def restartable(code: int) -> bool:
+    return code not in NO_RESTART
+
+
+def record_exit(code: int, rank: int | str | None = None, env: dict[str, str] | None = None) -> None:
+    """Write this rank's exit code into EXIT_DIR_VAR's folder, if the launcher set one."""
+    env = os.environ if env is None else env
+    folder = env.get(EXIT_DIR_VAR)
+    if not folder:
+        return
+    rank = env.get("RANK", "0") if rank is None else rank
+    try:
+        with open(os.path.join(folder, f"rank-{rank}"), "w") as f:
+            f.write(f"{int(code)}\n")
+    except OSError:
+        pass  # the launcher then sees the process's own exit code
+
+
+def outcome(launcher_rc: int, folder: str | None, ranks: int) -> int:
+    """The job's exit code from the ranks' recorded codes: a rank with no record (killed) or a crash makes it a
+    crash (the launcher's code, or 1), unless a code that must not be retried, a bad node or a hang came."""
+    if folder is None:  # the ranks' codes were resolved where they ran (a container's own supervisor)
+        return launcher_rc
+    codes = []
+    for rank in range(ranks):
+        try:
+            with open(os.path.join(folder or "", f"rank-{rank}")) as f:
+                codes.append(int(f.read().strip()))
+        except (OSError, ValueError):
+            codes.append(None)
+    for code in _PRECEDENCE:
+        if code in codes:
+            return code
+    if any(c is None or c not in (EXIT_OK, EXIT_REQUEUE) for c in codes):
+        return launcher_rc or 1
+    return EXIT_REQUEUE if EXIT_REQUEUE in codes else launcher_rc
 
 
 def report_bad_node(host: str, why: str, env: dict[str, str] | None = None) -> str | None:
@@ -98,12 +147,15 @@ def comm_env(socket_ifname: str = "", ib: str = "auto", nccl_debug: str = "", as
 
 # -- the batch shell (bash) ----------------------------------------------------------------------------------
 
+MAX_IN_JOB = 10  # restarts inside one allocation however the ranks die (the trainer's own limit is lower)
+
 _SHELL = r"""# gpt_train_rendezvous: MASTER_ADDR, the allocation's first node (master_address() in Python);
 # MASTER_PORT from the job id, so that two jobs sharing a node differ; OMP_NUM_THREADS, the task's CPUs unless set;
 # SRUN_CPUS_PER_TASK, the same CPUs for srun, which since SLURM 22.05 no longer takes --cpus-per-task from the
 # allocation (without it each rank gets one core: compile workers and the checkpoint thread starve);
 # @DEADLINE@, the job's end time (the trainer stops preemption.deadline_margin_s before it), asked here
-# since a container has no squeue. Then the line that starts each run's output.
+# since a container has no squeue; @NODE_REPORT@, where ranks name unhealthy nodes (in the submit folder, which
+# every node and this shell see). Then the line that starts each run's output.
 gpt_train_rendezvous() {
   MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" 2>/dev/null | head -n 1)
   export MASTER_ADDR=${MASTER_ADDR:-$SLURMD_NODENAME}
@@ -115,12 +167,62 @@ gpt_train_rendezvous() {
   case $gpt_train_end in
     [0-9][0-9][0-9][0-9]-*) @DEADLINE@=$(date -d "$gpt_train_end" +%s) && export @DEADLINE@ ;;
   esac
+  export @NODE_REPORT@=${@NODE_REPORT@:-${SLURM_SUBMIT_DIR:-$PWD}/.gpt-train/nodes-$SLURM_JOB_ID}
+  mkdir -p "$(dirname "$@NODE_REPORT@")"
   echo "gpt-train: job $SLURM_JOB_ID start $((${SLURM_RESTART_COUNT:-0} + 1)) at $(date '+%F %T')" \
     "on $SLURM_JOB_NODELIST, $SLURM_NTASKS task(s), master $MASTER_ADDR:$MASTER_PORT, ends ${gpt_train_end:-?}"
 }
 
-# gpt_train_requeue_why RC TERMED USR2ED JOBINFO: why the job must run again now that srun ended with RC, or
-# nothing. TERMED, USR2ED: 1 when this shell got SIGTERM, USR2; JOBINFO: `scontrol show job` of the job.
+# gpt_train_traps: this shell notes a SIGTERM (scancel, scontrol requeue, preemption, the time limit) in
+# gpt_train_term, and a USR2 (the time limit is near: #SBATCH --signal=B:USR2@N) in gpt_train_usr2, passing
+# it to the ranks.
+gpt_train_traps() {
+  gpt_train_term=0 gpt_train_usr2=0 gpt_train_pid=""
+  trap 'gpt_train_term=1; echo "gpt-train: batch shell got SIGTERM (scancel, scontrol requeue or the time limit)"' TERM
+  trap 'gpt_train_usr2=1; echo "gpt-train: USR2 (time limit near): passing it to the ranks"
+        [ -n "$gpt_train_pid" ] && kill -USR2 "$gpt_train_pid" 2>/dev/null' USR2
+}
+
+# gpt_train_launch COMMAND...: run the ranks (srun ...) in the background, so that this shell takes signals
+# while they train, and start them again inside the allocation (a new srun takes seconds, a requeue waits in the
+# queue) when they crashed or hung: any exit but @EXIT_OK@, @EXIT_USER_ERROR@ (user error), @EXIT_REQUEUE@ (checkpointed,
+# requeue), @EXIT_BAD_NODE@ (bad node, requeue without it), @EXIT_GAVE_UP@ (the restart policy gave up) and @EXIT_USR2@
+# (killed by the time limit's USR2), unless SLURM is ending, preempting or timing out the job. The trainer keeps the count (fault.in_job_restarts: past it a start exits @EXIT_REQUEUE@);
+# GPT_TRAIN_MAX_IN_JOB (default @MAX_IN_JOB@) caps it here too, for ranks that die before they can decide. The ranks
+# learn the previous exit from @PREVIOUS_EXIT@. Sets gpt_train_rc.
+gpt_train_launch() {
+  local n=0
+  unset @PREVIOUS_EXIT@
+  while true; do
+    "$@" &
+    gpt_train_pid=$!
+    while kill -0 "$gpt_train_pid" 2>/dev/null; do wait "$gpt_train_pid"; done
+    wait "$gpt_train_pid"
+    gpt_train_rc=$?
+    gpt_train_pid=""
+    case $gpt_train_rc in
+      @NO_RESTART@) return ;;
+    esac
+    # SLURM ends, preempts or times out the job: not the moment to start the ranks again
+    [ "${gpt_train_term:-0}" = 1 ] || [ "${gpt_train_usr2:-0}" = 1 ] && return
+    case $(scontrol show job "$SLURM_JOB_ID" 2>/dev/null) in *PreemptTime=[0-9]*) return ;; esac
+    if [ "$n" -ge "${GPT_TRAIN_MAX_IN_JOB:-@MAX_IN_JOB@}" ]; then
+      echo "gpt-train: the ranks ended with exit $gpt_train_rc after $n restart(s) in this allocation (the most," \
+        "GPT_TRAIN_MAX_IN_JOB): not starting them again"
+      return
+    fi
+    n=$((n + 1))
+    export @PREVIOUS_EXIT@=$gpt_train_rc
+    if [ "$gpt_train_rc" = @EXIT_HANG@ ]; then
+      echo "gpt-train: the ranks hung (exit $gpt_train_rc; stacks in RUN/diagnostics/): restart $n in this allocation"
+    else
+      echo "gpt-train: the ranks crashed (exit $gpt_train_rc): restart $n in this allocation"
+    fi
+  done
+}
+
+# gpt_train_requeue_why RC TERMED USR2ED JOBINFO: why the job must run again now that the ranks ended with RC,
+# or nothing. TERMED, USR2ED: 1 when this shell got SIGTERM, USR2; JOBINFO: `scontrol show job` of the job.
 # A SIGTERM here means that SLURM ends the job (scancel; scontrol requeue requeues it by itself), unless the
 # time limit came. SLURM does not requeue a job whose ranks end during a preemption's grace time: this shell
 # does, also when they died before they could checkpoint, or when the time limit's USR2 killed them
@@ -133,6 +235,8 @@ gpt_train_requeue_why() {
     case "$rc $job" in "@EXIT_REQUEUE@ "*Reason=TimeLimit*) echo "the time limit came" ;; esac
   elif [ "$rc" = @EXIT_REQUEUE@ ]; then
     echo "the ranks checkpointed and exited @EXIT_REQUEUE@"
+  elif [ "$rc" = @EXIT_BAD_NODE@ ]; then
+    echo "a node failed the start-up check (exit @EXIT_BAD_NODE@)"
   else
     case $job in *PreemptTime=[0-9]*) echo "preempted (exit $rc)"; return 0 ;; esac
     if [ "$usr2ed" = 1 ] || [ "$rc" = @EXIT_USR2@ ]; then
@@ -141,28 +245,60 @@ gpt_train_requeue_why() {
   fi
 }
 
+# gpt_train_exclusions JOBINFO: the nodes to leave behind, comma-separated: the job's ExcNodeList and the nodes
+# of @NODE_REPORT@; nothing when leaving them would leave fewer nodes in the partition than the job needs.
+gpt_train_exclusions() {
+  local job=$1 had new all total
+  [ -s "${@NODE_REPORT@:-}" ] || return 0
+  had=$(printf '%s\n' "$job" | sed -n 's/.*ExcNodeList=\([^ ]*\).*/\1/p' | grep -v '^(null)$')
+  new=$(cut -f1 "$@NODE_REPORT@" | sort -u | paste -sd, -)
+  all=$(scontrol show hostnames "${had:+$had,}$new" 2>/dev/null | sort -u | paste -sd, -)
+  total=$(sinfo -h -p "${SLURM_JOB_PARTITION:-}" -o %D 2>/dev/null | awk '{n += $1} END {print n + 0}')
+  if [ -z "$all" ] || [ $(($(echo "$all" | tr , '\n' | wc -l) + ${SLURM_JOB_NUM_NODES:-1})) -gt "$total" ]; then
+    echo "gpt-train: not leaving node(s) $new behind: the partition would have too few nodes for the job" >&2
+    return 0
+  fi
+  echo "$all"
+}
+
 # gpt_train_requeue WHY RESTARTS CAP: when WHY is set and the job was restarted fewer than CAP times, requeue it
-# and end this shell with success; otherwise say why not and return. From the batch shell, never from inside
-# the step: a container usually has no scontrol.
+# (leaving the reported nodes behind: requeuehold, ExcNodeList, release, since a running job's ExcNodeList cannot
+# change) and end this shell with success; otherwise say why not and return. From the batch shell, never from
+# inside the step: a container usually has no scontrol.
 gpt_train_requeue() {
-  local why=$1 restarts=$2 cap=$3
+  local why=$1 restarts=$2 cap=$3 exclude
   [ -n "$why" ] || return 0
-  if [ "$restarts" -lt "$cap" ]; then
-    echo "gpt-train: $why: requeueing job $SLURM_JOB_ID (restart $((restarts + 1)) of at most $cap)"
-    scontrol requeue "$SLURM_JOB_ID" && exit 0
-    echo "gpt-train: scontrol requeue $SLURM_JOB_ID failed"
-  else
+  if [ "$restarts" -ge "$cap" ]; then
     echo "gpt-train: $why, but the job was restarted $restarts times (the cap, --max-restarts or" \
       "MAX_RESTARTS, is $cap): not requeueing"
+    return 0
   fi
+  exclude=$(gpt_train_exclusions "$(scontrol show job "$SLURM_JOB_ID" 2>/dev/null)")
+  if [ -n "$exclude" ]; then
+    echo "gpt-train: $why: requeueing job $SLURM_JOB_ID (restart $((restarts + 1)) of at most $cap) without" \
+      "node(s) $exclude:" "$(cut -f2- "$@NODE_REPORT@" | sort -u | paste -sd';' -)"
+    # SLURM sends this shell SIGTERM as the hold lands: the three commands must not die with it.
+    if (trap '' TERM; scontrol requeuehold "$SLURM_JOB_ID" || exit 1
+        scontrol update JobId="$SLURM_JOB_ID" ExcNodeList="$exclude"; scontrol release "$SLURM_JOB_ID"); then
+      : >"$@NODE_REPORT@"
+      exit 0
+    fi
+  else
+    echo "gpt-train: $why: requeueing job $SLURM_JOB_ID (restart $((restarts + 1)) of at most $cap)"
+    scontrol requeue "$SLURM_JOB_ID" && exit 0
+  fi
+  echo "gpt-train: scontrol requeue $SLURM_JOB_ID failed"
 }
 """
 
 
 def shell_text() -> str:
     """The bash functions of the batch shell, filled in with the constants above; defining them runs nothing."""
-    values = {"EXIT_OK": EXIT_OK, "EXIT_REQUEUE": EXIT_REQUEUE, "EXIT_USR2": EXIT_USR2, "PORT_BASE": PORT_BASE,
-              "PORT_SPAN": PORT_SPAN, "DEADLINE": DEADLINE_VAR}
+    values = {"EXIT_OK": EXIT_OK, "EXIT_REQUEUE": EXIT_REQUEUE, "EXIT_USR2": EXIT_USR2, "EXIT_HANG": EXIT_HANG,
+              "EXIT_BAD_NODE": EXIT_BAD_NODE, "EXIT_GAVE_UP": EXIT_GAVE_UP, "EXIT_USER_ERROR": EXIT_USER_ERROR,
+              "PORT_BASE": PORT_BASE, "PORT_SPAN": PORT_SPAN, "DEADLINE": DEADLINE_VAR, "NODE_REPORT": NODE_REPORT_VAR,
+              "PREVIOUS_EXIT": PREVIOUS_EXIT_VAR, "MAX_IN_JOB": MAX_IN_JOB,
+              "NO_RESTART": " | ".join(map(str, NO_RESTART))}
     return re.sub(r"@([A-Z_0-9]+)@", lambda m: str(values[m.group(1)]), _SHELL)
 
 

@@ -10,6 +10,7 @@
     RUN/checkpoints/LATEST               the newest step folder's name, written after its manifest
     RUN/rolled-back/step-00001500/       checkpoints set aside by a rollback (resume=best); never pruned
     RUN/lease.json                       who is writing this run now (host, pid, job, heartbeat)
+    RUN/diagnostics/attempt-3/           what the hang watchdog dumped in that attempt (see watchdog.py)
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ CHECKPOINTS = "checkpoints"
 LATEST = f"{CHECKPOINTS}/LATEST"
 ROLLED_BACK = "rolled-back"
 LEASE = "lease.json"
+DIAGNOSTICS = "diagnostics"
 MANIFEST = "MANIFEST.json"
 META = "meta.json"
 FORMAT = "gpt-train-checkpoint/1"  # a checkpoint manifest's "format"

@@ -66,6 +66,15 @@ class JsonlFile:
         if not getattr(self, "_local", None):  # local files are already complete
             self.store.write_text(self.name, "".join(json.dumps(r) + "\n" for r in self.records))
 
+    def keep_up_to(self, step: int) -> None:
+        """Drop the records of steps after `step` (a rollback redoes them)."""
+        self.records = [r for r in self.records if r.get("step", 0) <= step]
+        if self._local:
+            self._local.close()
+        self.store.write_text(self.name, "".join(json.dumps(r) + "\n" for r in self.records))
+        if self._local:
+            self._local = open(self.store.path(self.name), "a")
+
     def close(self) -> None:
         if self._local:
             self._local.close()
@@ -166,6 +175,11 @@ class RunLog:
                 self.events.flush()
             except StorageError as e:
                 print(f"runlog: could not write events.jsonl now ({e}); it is written again at the next checkpoint", flush=True)
+
+    def rewind(self, step: int) -> None:
+        """Metrics and samples after `step` are about to be redone (a rollback): drop them."""
+        self.metrics.keep_up_to(step)
+        self.samples.keep_up_to(step)
 
     def flush(self) -> None:
         self.metrics.flush()

@@ -21,25 +21,27 @@ import subprocess
 import sys
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 import gpt_train
-from gpt_train import collectives, data, distributed, optim, parallel, precision, protocol, rundir
+from gpt_train import collectives, data, distributed, optim, parallel, precision, protocol, recovery, rundir
 from gpt_train.checkpoint import Checkpoint, CheckpointManager
 from gpt_train.config import Config, dump, load_config, micro_batch_for, resolve_vocab, to_dict, validate
 from gpt_train.config import warnings as config_warnings
 from gpt_train.errors import ConfigError, DataError, TrainingDiverged, UserError
 from gpt_train.evaluate import val_loss
-from gpt_train.faults import Faults
+from gpt_train.faults import Faults, node_name
 from gpt_train.lease import Lease, RunDirBusy
 from gpt_train.model import GPT
 from gpt_train.preemption import Preemption, slurm_end_time
+from gpt_train.preflight import NodeUnhealthy
 from gpt_train.rng import RankRNG
-from gpt_train.runlog import RunLog, read_jsonl
+from gpt_train.runlog import JsonlFile, RunLog, read_jsonl
 from gpt_train.storage import Store
 from gpt_train.tokenizer import from_identity
+from gpt_train.watchdog import Watchdog
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -71,10 +73,15 @@ def train(cfg: Config) -> int:
     except UserError:
         distributed.shutdown(clean=False)
         raise
-    except Exception:
+    except NodeUnhealthy:
+        distributed.shutdown(clean=False)
+        return protocol.EXIT_BAD_NODE
+    except Exception as e:
         traceback.print_exc()
         print(f"gpt-train train: rank {world.rank}/{world.world_size} failed; leaving the process group without "
               "waiting for the other ranks", file=sys.stderr, flush=True)
+        if trainer:
+            trainer.record_crash(e)
         distributed.shutdown(clean=False)
         raise SystemExit(1) from None
     except BaseException:
@@ -94,6 +101,25 @@ def _data_meta(cfg: Config, world: distributed.World) -> dict:
 
         ensure_bundled(cfg.data.dir)
     return data.read_meta(cfg.data.dir)
+
+
+def _exit_recorded(code: int) -> None:
+    """How the watchdog ends a stuck process: no Python cleanup can run, and the launcher must still learn
+    the code (protocol.record_exit)."""
+    protocol.record_exit(code)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def _joined(fn, timeout_s: float) -> bool:
+    """Run fn on a thread and wait at most timeout_s for it: whether it returned."""
+    import threading
+
+    t = threading.Thread(target=fn, daemon=True)
+    t.start()
+    t.join(timeout_s)
+    return not t.is_alive()
 
 
 def count_starts(store: Store) -> int:
@@ -118,13 +144,22 @@ class TrainState:
     tokens: int = 0
     best_val_loss: float | None = None
     run_id: str = ""
+    bad_streak: int = 0  # optimizer steps skipped in a row for a non-finite loss or gradient norm
+    skipped_steps: list[int] = field(default_factory=list)
+    # each rollback: {"at_step", "to_step", "skipped_samples": [first, end)}: the data window the loader moved past
+    rollbacks: list[dict] = field(default_factory=list)
 
     def state_dict(self) -> dict:
-        return {"step": self.step, "tokens": self.tokens, "best_val_loss": self.best_val_loss, "run_id": self.run_id}
+        return {"step": self.step, "tokens": self.tokens, "best_val_loss": self.best_val_loss, "run_id": self.run_id,
+                "bad_streak": self.bad_streak, "skipped_steps": list(self.skipped_steps),
+                "rollbacks": list(self.rollbacks)}
 
     def load_state_dict(self, state: dict) -> None:
         self.step, self.tokens = int(state["step"]), int(state["tokens"])
         self.best_val_loss, self.run_id = state.get("best_val_loss"), state["run_id"]
+        self.bad_streak = int(state.get("bad_streak", 0))
+        self.skipped_steps = list(state.get("skipped_steps", []))
+        self.rollbacks = list(state.get("rollbacks", []))
 
 
 @dataclass
@@ -132,6 +167,7 @@ class StepResult:
     loss: float | None  # mean over ranks and micro-batches; only on logging steps (it costs a sync)
     grad_norm: float
     lr: float
+    skipped: bool = False  # not applied: the loss or the gradient norm was not finite
 
 
 class Trainer:
@@ -154,6 +190,16 @@ class Trainer:
     def _start(self) -> None:
         cfg, world, meta = self.cfg, self.world, self.data_meta
         self.state = TrainState()
+        self.ckpt: CheckpointManager | None = None
+        self.watchdog: Watchdog | None = None
+        self.log: RunLog | None = None
+        self.hosts = collectives.all_gather_object(node_name())  # by rank: the events and the node report name them
+        self.attempt = collectives.broadcast_object(count_starts(self.store) + 1 if world.is_main else 0)
+        self.verdict = self._judge_start()
+        if self.verdict:
+            return
+        self.faults = Faults.from_env(world.rank, self.attempt)
+        self.preflight = self._preflight() if cfg.fault.preflight else None
         self.ckpt = CheckpointManager(cfg.checkpoint, cfg.run_dir, world, log=self.say, about={
             "config": to_dict(cfg), "tokenizer": meta["tokenizer"], "data_fingerprint": data.fingerprint(meta),
             "version": gpt_train.__version__,
@@ -163,9 +209,45 @@ class Trainer:
         self.ckpt.restore(found)
         if world.is_main:
             self.state.run_id = RunLog.identify(self.store, found and found.meta)  # RUN/run.json
-        self.attempt = collectives.broadcast_object(count_starts(self.store) + 1 if world.is_main else 0)
-        self.faults = Faults.from_env(world.rank, self.attempt)
-        self.log: RunLog | None = None
+
+    def _judge_start(self) -> tuple[str, str] | None:
+        """Rank 0 records how the previous attempt ended when it could not (a SIGKILL, a lost node), then asks
+        the restart policy whether this start may train (recovery.judge); every rank learns the verdict."""
+        verdict = None
+        if self.world.is_main:
+            events, metrics = read_jsonl(self.store, rundir.EVENTS), read_jsonl(self.store, rundir.METRICS)
+            end = recovery.unrecorded_end(events, metrics, os.environ.get(protocol.PREVIOUS_EXIT_VAR))
+            if end:
+                self._append_event(end)
+                events.append(end)
+            f = self.cfg.fault
+            verdict = recovery.judge(events, metrics, recovery.allocation(), f.in_job_restarts,
+                                     f.max_restarts_without_progress)
+            if verdict:
+                self._append_event({"event": verdict[0], "cause": verdict[1], "attempt": self.attempt,
+                                    "slurm_job": os.environ.get("SLURM_JOB_ID")})
+        return collectives.broadcast_object(verdict)
+
+    def _preflight(self) -> dict:
+        """The start-up check of every node (gpt_train/preflight.py); a node that fails it ends this start with
+        protocol.EXIT_BAD_NODE, recorded, so that the requeued job leaves it behind."""
+        from gpt_train import preflight
+
+        checks = preflight.run(self.world, self.device, self.store, self.faults)
+        summary = preflight.summary(checks)
+        bad = preflight.failed_hosts(checks)
+        if bad and self.world.is_main:
+            self._append_event({"event": "bad_node", "attempt": self.attempt, "hosts": bad, "preflight": summary,
+                                "cause": "; ".join(f"{h}: {why}" for h, why in bad.items()),
+                                "slurm_job": os.environ.get("SLURM_JOB_ID")})
+        preflight.enforce(checks, self.say)
+        return summary
+
+    def _append_event(self, record: dict) -> None:
+        """An event written before the run's log opens (rank 0, holding the lease)."""
+        events = JsonlFile(self.store, rundir.EVENTS)
+        events.append({**record, "time": time.time()})
+        events.close()
 
     def _hold_run_dir(self) -> tuple[Lease | None, str | None]:
         """Rank 0 becomes the run directory's one writer before it reads or changes anything there; every rank
@@ -190,8 +272,11 @@ class Trainer:
 
     def close(self) -> None:
         """Give the run directory back, once the checkpoint in flight has landed (a requeued attempt waits for it)."""
+        if self.watchdog:
+            self.watchdog.stop()
         if self.lease:
-            self.ckpt.wait()
+            if self.ckpt:
+                self.ckpt.wait()
             try:
                 self.lease.release()
             except Exception as e:  # the exit code is the run's; an unreleased lease goes stale by itself
@@ -266,6 +351,11 @@ class Trainer:
 
     def fit(self, preempt: Preemption) -> int:
         cfg, t = self.cfg, self.cfg.train
+        if self.verdict:
+            kind, why = self.verdict
+            code = protocol.EXIT_REQUEUE if kind == "requeue" else protocol.EXIT_GAVE_UP
+            self.say(f"restart policy: {why} (exit {code})", flush=True)
+            return code
         self.peak = precision.peak_flops(self.device, self.prec) if self.world.is_main else None
         self._announce()
         if self.state.step >= t.max_steps:
@@ -283,13 +373,21 @@ class Trainer:
             self.say(f"deadline: {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(preempt.deadline))}; the run "
                      f"checkpoints and exits {cfg.preemption.deadline_margin_s} s before it")
         self.model.train()
+        self.watchdog = Watchdog(cfg.fault, self.store, self.world.rank, self.world.world_size, self.attempt,
+                                 self.hosts[self.world.rank], self.backend,
+                                 on_hang=self._on_hang if self.world.is_main else None, _exit=_exit_recorded)
+        self.watchdog.start()
         self.ckpt.start_clock()
         self._first_step = self.state.step
         self._clock = time.perf_counter(), self.state.step
         step_s, t_step = 0.0, time.perf_counter()
+        self.last_loss = torch.zeros((), device=self.device)
         pending = None  # the ranks' flags, summed while the next step runs: no step waits for them
         while self.state.step < t.max_steps:
             result = self.train_step()
+            if result.skipped and self._too_many_bad_steps():
+                self._roll_back()
+                continue
             step, last = self.state.step, self.state.step == t.max_steps
             self._report(result, last)
             val = self._evaluate() if (t.eval_interval and step % t.eval_interval == 0) or last else None
@@ -323,8 +421,11 @@ class Trainer:
         lr = optim.lr_at(self.state.step, cfg)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
+        self.watchdog.progress("step", self.state.step + 1)
         self.faults.before_step(self.state.step + 1)
-        poison = self.faults.corrupts_loss(self.state.step + 1)
+        # A `nan` fault stands for a corrupt batch: tied to the data that step N reads on the run's first
+        # course, so that a rollback past that data leaves it behind, as it would a real one.
+        poison = self.faults.corrupts_loss(self.loader.next_sample // self.loader.global_batch + 1)
         micro = self.loader.next_batch()
         loss_sum = torch.zeros((), device=self.device)
         for i, (x, y) in enumerate(micro):
@@ -338,19 +439,80 @@ class Trainer:
                     loss = loss * float("nan")
                 self.scaler.scale(loss / len(micro)).backward()
             loss_sum += loss.detach()
-        grad_norm = None
-        if cfg.optim.grad_clip > 0:
-            self.scaler.unscale_(self.optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), cfg.optim.grad_clip)
-        self.scaler.step(self.optimizer)
+        self.scaler.unscale_(self.optimizer)
+        # The norm is measured without clipping too: a non-finite one means this step must not be applied.
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(),
+                                                   cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf)
+        skipped = self._bad_step(loss_sum, grad_norm)
+        if not skipped:
+            self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-        self.last_loss = loss_sum  # no sync here: checked at logging steps and before every save
+        if not skipped:  # checked again before every save: a skipped step's loss is not in the weights
+            self.last_loss = loss_sum
         self.state.step += 1
         self.state.tokens += t.batch_tokens
         logging = self.state.step % t.log_interval == 0 or self.state.step == t.max_steps
         loss_mean = collectives.all_reduce_mean(loss_sum.item() / len(micro), self.device) if logging else None
-        return StepResult(loss_mean, grad_norm.item() if grad_norm is not None else float("nan"), lr)
+        return StepResult(loss_mean, grad_norm.item(), lr, skipped)
+
+    def _bad_step(self, loss_sum: torch.Tensor, grad_norm: torch.Tensor) -> bool:
+        """Whether this step's update must be skipped: its loss on some rank, or the gradient norm, is not
+        finite. Costs one small all-reduce and a sync per step. Under fp16 a non-finite gradient alone is the
+        loss scaler's business (it skips the step and lowers the scale); a non-finite loss is not."""
+        fp16 = self.prec == "fp16"
+        norm_bad = torch.zeros_like(loss_sum, dtype=torch.bool) if fp16 else ~torch.isfinite(grad_norm)
+        flags = torch.stack([~torch.isfinite(loss_sum), norm_bad]).float()
+        if self.world.distributed:
+            torch.distributed.all_reduce(flags)
+        if not flags.any().item():
+            self.state.bad_streak = 0
+            return False
+        s, max_bad = self.state, self.cfg.fault.max_bad_steps
+        if not max_bad:
+            raise self._diverged(f"the loss or the gradient norm is not finite at step {s.step + 1} "
+                                 "(fault.max_bad_steps=0: no step is skipped)")
+        s.bad_streak += 1
+        s.skipped_steps.append(s.step + 1)
+        self.say(f"step {s.step + 1:>6}: loss or gradient norm not finite: update skipped ({s.bad_streak} in a row, "
+                 f"fault.max_bad_steps={max_bad})", flush=True)
+        if self.log:
+            self.log.event("skipped_step", step=s.step + 1, streak=s.bad_streak,
+                           loss_finite=bool(torch.isfinite(loss_sum).item()),
+                           grad_norm_finite=bool(torch.isfinite(grad_norm).item()))
+        return True
+
+    def _too_many_bad_steps(self) -> bool:
+        return self.state.bad_streak >= self.cfg.fault.max_bad_steps
+
+    def _roll_back(self) -> None:
+        """Back to the last good checkpoint, and past the data of the steps since then: replaying the same
+        batches would bring the same NaN. The rollback is part of the state checkpointed from now on."""
+        s = self.state
+        at_step, past = s.step, self.loader.next_sample
+        self.ckpt.wait()
+        found = self.ckpt.last_good()
+        if found is None:
+            raise self._diverged(f"{s.bad_streak} steps in a row had a non-finite loss or gradient norm, and there "
+                                 "is no checkpoint to roll back to")
+        if any(r["to_step"] == found.step for r in s.rollbacks):
+            raise self._diverged(f"{s.bad_streak} steps in a row had a non-finite loss or gradient norm again after "
+                                 f"the rollback to step {found.step} moved past the data that caused them")
+        history = {"skipped_steps": s.skipped_steps, "rollbacks": s.rollbacks}
+        self.ckpt.load_weights(found)
+        self.ckpt.restore(found)
+        window = [self.loader.next_sample, past]
+        self.loader.next_sample = past
+        s.skipped_steps, s.rollbacks, s.bad_streak = history["skipped_steps"], history["rollbacks"], 0
+        s.rollbacks.append({"at_step": at_step, "to_step": found.step, "skipped_samples": window})
+        self.say(f"rollback: {self.cfg.fault.max_bad_steps} bad steps in a row at step {at_step}: back to the "
+                 f"checkpoint of step {found.step}, skipping samples {window[0]}-{window[1] - 1} (the data since "
+                 "then)", flush=True)
+        if self.log:
+            self.log.event("rollback", step=found.step, from_step=at_step, to_step=found.step,
+                           skipped_samples=window, cause="non-finite loss or gradient norm")
+            self.log.rewind(found.step)
+        self._clock = time.perf_counter(), s.step
 
     # -- what a step reports -----------------------------------------------------------------------
 
@@ -358,6 +520,10 @@ class Trainer:
         if r.loss is None:
             return
         t, step = self.cfg.train, self.state.step
+        if r.skipped:
+            if self.log:
+                self.log.metric(step=step, skipped=True, lr=r.lr, tokens=self.state.tokens, time=time.time())
+            return
         if not math.isfinite(r.loss):
             raise self._diverged(f"the loss is {r.loss}")
         start, start_step = self._clock
@@ -373,6 +539,7 @@ class Trainer:
 
     def _evaluate(self) -> float:
         t, s = self.cfg.train, self.state
+        self.watchdog.progress("eval", s.step)
         loss = val_loss(self.raw_model, self.val_split, t.eval_batches, t.micro_batch, self.world.rank,
                         self.world.world_size, self.device, self.prec)
         s.best_val_loss = loss if s.best_val_loss is None else min(s.best_val_loss, loss)
@@ -385,6 +552,7 @@ class Trainer:
         from gpt_train.sampling import sample
 
         t, step = self.cfg.train, self.state.step
+        self.watchdog.progress("sample", step)
         with parallel.gathered(self.raw_model):  # FSDP: every rank gathers the weights so rank 0 can run alone
             if not self.world.is_main:
                 return
@@ -405,7 +573,9 @@ class Trainer:
         self.log = RunLog(self.store, resume_step=self.state.step, config=self.cfg)
         self.log.event("resume" if self.state.step else "start", step=self.state.step,
                        world_size=self.world.world_size, attempt=self.attempt, lease=self.lease_note,
-                       slurm_job=os.environ.get("SLURM_JOB_ID"), restart=int(os.environ.get("SLURM_RESTART_COUNT", 0)))
+                       slurm_job=os.environ.get("SLURM_JOB_ID"), restart=int(os.environ.get("SLURM_RESTART_COUNT", 0)),
+                       allocation=recovery.allocation(), hosts=sorted(set(self.hosts)), preflight=self.preflight,
+                       git_commit=self.ckpt.about.get("git_commit"))
         if self.ckpt.rollback:
             self.log.event("rollback", step=self.state.step, **self.ckpt.rollback)
         if self.ckpt.course_changes:
@@ -424,6 +594,7 @@ class Trainer:
         if lost:
             raise RunDirBusy(f"another trainer took over {self.cfg.run_dir} (its lease.json is not ours any more): "
                              "this one stops without writing; run one trainer per run_dir")
+        self.watchdog.progress("checkpoint", self.state.step)
         blocked = self.ckpt.save(val, final=final)
         if self.log:
             self.log.flush()
@@ -440,6 +611,40 @@ class Trainer:
             f"{self.cfg.run_dir} is the last good one. Lower optim.lr (now {o.lr:g}), raise schedule.warmup_steps "
             f"(now {self.cfg.schedule.warmup_steps}) or clip gradients (optim.grad_clip, now {o.grad_clip:g}), then "
             "start again: the run resumes from that checkpoint")
+
+    def record_crash(self, error: BaseException) -> None:
+        """Rank 0's end record of an attempt that an exception ended (here or, seen as a failed collective, on
+        another rank): the restart policy and `status` read it."""
+        if not self.log:
+            return
+        line = next(iter(str(error).strip().splitlines()), "")
+        self.log.event("crash", step=self.state.step, cause=f"{type(error).__name__}: {line}"[:500],
+                       rank=self.world.rank, exit_code=1)
+        self.log.close()
+        self.log = None
+
+    def _on_hang(self, report: dict) -> None:
+        """Rank 0's watchdog saw no progress (the main thread is stuck): record it, name the suspects' nodes for
+        the next requeue, and give the run directory back so that the restart need not wait for the lease."""
+        # The nodes the requeue leaves behind: those of ranks that could not even dump their stacks, and the one
+        # rank stuck outside a collective while every other waits in one. More suspects than that is no verdict.
+        suspects = set(report.get("missing", []))
+        if len(report.get("suspects", [])) == 1 and len(report.get("in_collective", [])) == self.world.world_size - 1:
+            suspects |= set(report["suspects"])
+        suspects = {self.hosts[r] for r in suspects if 0 <= r < len(self.hosts)}
+        if self.log:
+            where = "; ".join(f"rank {r}: {w}" for r, w in sorted(report.get("where", {}).items()))
+            self.log.event("hang", **{**report, "step": self.state.step, "attempt": self.attempt,
+                                      "cause": f"no progress for {report.get('silent_s', 0):.0f} s (timeout "
+                                               f"{report.get('timeout_s', 0):.0f} s); {where}",
+                                      "exit_code": protocol.EXIT_HANG, "suspect_hosts": sorted(suspects)})
+            self.log.close()
+            self.log = None
+        for host in sorted(suspects):
+            protocol.report_bad_node(host, f"a rank hung at step {self.state.step} (diagnostics: "
+                                           f"{report.get('diagnostics', '')})")
+        if self.lease and _joined(self.ckpt.wait, timeout_s=60):
+            self.lease.release()
 
     def _stop(self, reason: str, landed: bool | None = None) -> int:
         if self.log:

@@ -2,7 +2,8 @@
 other nodes are printed), or the same inside `docker run` with the project's image (docker/Dockerfile).
 
 Without SLURM nothing requeues: a run stopped by a signal checkpoints and exits 75; starting the same command
-again resumes it. --max-restarts becomes torchrun's own (restart the workers of a node after a failure).
+again resumes it. After a crash or a hang the ranks are started again (gpt_train/supervise.py, the rules of the
+batch shell: at most fault.in_job_restarts times, counted by the trainer, and at most --max-restarts here).
 
 `python3 -m launch.local user` prints container_user(): docker/docker.mk asks it, so that `make docker-run` and
 `--backend docker` run the container as the same user by one rule. That needs only the standard library, so
@@ -12,8 +13,6 @@ this module imports the rest of launch (the config, yaml) where it is used.
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
 import sys
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -21,7 +20,6 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from launch.spec import JobSpec
 
-FORWARDED = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGHUP)
 INFINIBAND = "/dev/infiniband"  # RDMA devices: a multi-node container gets them when the host has them
 
 
@@ -30,7 +28,6 @@ class Node:
     node_rank: int = 0
     master_addr: str = ""
     master_port: int = 29500
-    max_restarts: int = 0
 
 
 def train_command(spec: JobSpec, node: Node, python: str) -> list[str]:
@@ -44,9 +41,9 @@ def train_command(spec: JobSpec, node: Node, python: str) -> list[str]:
         argv += [f"--nnodes={spec.nodes}", f"--node-rank={node.node_rank}", f"--master-addr={node.master_addr}",
                  f"--master-port={node.master_port}"]
     argv.append(f"--nproc-per-node={spec.ranks_per_node}")
-    if node.max_restarts:
-        argv.append(f"--max-restarts={node.max_restarts}")
-    return argv + ["-m", "gpt_train", *spec.train_args()]
+    from gpt_train.supervise import torchrun_flags
+
+    return argv + torchrun_flags() + ["-m", "gpt_train", *spec.train_args()]
 
 
 def container_user(cwd: str | None = None) -> str:
@@ -114,41 +111,6 @@ def describe(spec: JobSpec, node: Node, commands: dict[int, list[str]], environ:
         if spec.nodes > 1:
             lines.append("# set them on every node before its command")
     return "\n".join(lines)
-
-
-def _die_with_parent() -> None:
-    """In the child before exec (Linux): SIGTERM when the launcher dies, even by SIGKILL."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-
-
-def run(argv: list[str], env: dict[str, str]) -> int:
-    """Run the node's command; stopping signals are passed on (torchrun hands them to its workers)."""
-    proc = subprocess.Popen(argv, env={**os.environ, **env},
-                            preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
-    previous = {}
-
-    def forward(signum, frame):
-        try:
-            proc.send_signal(signum)
-        except ProcessLookupError:
-            pass
-
-    for sig in FORWARDED:
-        previous[sig] = signal.signal(sig, forward)
-    previous[signal.SIGINT] = signal.signal(signal.SIGINT, signal.SIG_IGN)  # the terminal sends it to the child too
-    try:
-        return proc.wait()
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-        if proc.poll() is None:  # nothing outlives the launcher
-            proc.kill()
-            proc.wait()
 
 
 def python() -> str:

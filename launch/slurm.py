@@ -131,14 +131,27 @@ def executor_parameters(spec: JobSpec, res: Resources) -> dict:
         params["cpus_per_task"] = res.cpus_per_task
     if res.exclusive:
         params["exclusive"] = True
+    # The batch shell runs srun itself (launch_command), so that it can start the ranks again after a crash.
+    params["use_srun"] = False
+    return params
+
+
+def srun_words(spec: JobSpec, res: Resources) -> list[str]:
+    """srun as submitit would run it (each task's output in FOLDER/JOBID_RANK_log.out), and our options."""
+    paths = submitit.core.utils.JobPaths(folder(spec, res))
     # Not --kill-on-bad-exit: the ranks exit 75 a moment apart, and srun would kill the later ones, turning the
     # step's 75 into 143. --wait: once one rank has ended, the others get 60 s, then srun kills them.
-    srun_args = ["--wait=60"]
+    words = ["srun", "--unbuffered", "--output", str(paths.stdout), "--error", str(paths.stderr), "--wait=60"]
     if res.container_image:
-        srun_args += [f"--container-image={res.container_image}", f"--container-mounts={mounts(spec, res)}",
-                      f"--container-workdir={os.getcwd()}"]
-    params["srun_args"] = srun_args
-    return params
+        words += [f"--container-image={res.container_image}", f"--container-mounts={mounts(spec, res)}",
+                  f"--container-workdir={os.getcwd()}"]
+    return words
+
+
+def launch_command(spec: JobSpec, res: Resources) -> str:
+    """The batch shell's command before `-u -m submitit.core._submit FOLDER`: the protocol's gpt_train_launch
+    (restarts in the allocation), srun, and the python of each task."""
+    return " ".join(["gpt_train_launch", shlex.join(srun_words(spec, res)), python_command(spec, res)])
 
 
 CACHE = "/cache"  # the image's caches (docker/Dockerfile): torch.compile and Triton kernels, HF, wandb
@@ -183,10 +196,9 @@ def python_command(spec: JobSpec, res: Resources) -> str:
 def setup_lines(spec: JobSpec, res: Resources) -> list[str]:
     """Batch-shell lines before srun: the protocol's functions, the rendezvous, the NCCL settings."""
     lines = [
-        "# gpt-train (launch/slurm.py): the batch shell notes a SIGTERM (scancel, scontrol requeue, time limit)",
-        "gpt_train_term=0",
-        "trap 'gpt_train_term=1' TERM",
+        "# gpt-train (launch/slurm.py): the job protocol's functions (gpt_train/protocol.py)",
         *protocol.shell_text().splitlines(),
+        "gpt_train_traps",
         "gpt_train_rendezvous",
     ]
     if (res.apptainer or res.container_image) and f"{cache_dir(spec, res)}:{CACHE}" in mounts(spec, res).split(","):
@@ -195,9 +207,8 @@ def setup_lines(spec: JobSpec, res: Resources) -> list[str]:
 
 
 def teardown_lines(res: Resources) -> list[str]:
-    """Batch-shell lines after srun: requeue the job when the ranks asked for it (or were preempted)."""
+    """Batch-shell lines after the ranks ended: requeue the job when they asked for it (or were preempted)."""
     return [
-        "gpt_train_rc=$?",
         'gpt_train_job=$(scontrol show job "$SLURM_JOB_ID" 2>/dev/null)',
         "# USR2 goes to the ranks (--signal=USR2@N), not to this shell: one that came too early shows as exit "
         f"{protocol.EXIT_USR2}",
@@ -239,9 +250,9 @@ class Trainer(Checkpointable):
 
         try:
             rc = train(load_config(self.config, self.overrides))
-        except UserError as e:
+        except UserError as e:  # not an exception for submitit: its exit code tells the batch shell not to retry
             print(f"gpt-train train: error: {e}", file=sys.stderr, flush=True)
-            raise
+            raise SystemExit(e.exit_code) from None
         sys.stdout.flush()
         if rc == protocol.EXIT_REQUEUE:
             if world["RANK"] == "0":
@@ -262,13 +273,13 @@ def script_text(spec: JobSpec, res: Resources) -> str:
     """The sbatch script submitit writes for this job (the same function it calls at submission)."""
     from submitit.slurm.slurm import _make_sbatch_string
 
-    command = " ".join([python_command(spec, res), "-u -m submitit.core._submit", shlex.quote(folder(spec, res))])
+    command = " ".join([launch_command(spec, res), "-u -m submitit.core._submit", shlex.quote(folder(spec, res))])
     return _make_sbatch_string(command=command, folder=folder(spec, res), **executor_parameters(spec, res))
 
 
 def make_executor(spec: JobSpec, res: Resources) -> submitit.SlurmExecutor:
     ex = submitit.SlurmExecutor(folder=folder(spec, res), max_num_timeout=res.max_restarts,
-                                python=python_command(spec, res))
+                                python=launch_command(spec, res))
     ex.update_parameters(**executor_parameters(spec, res))
     return ex
 

@@ -48,7 +48,8 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--job-name", default="", help="default: the config's name")
     g.add_argument("--max-restarts", type=int, default=None,
                    help="SLURM: requeues allowed, counted by SLURM_RESTART_COUNT (also submitit's max_num_timeout; "
-                        "default 10); local: torchrun's --max-restarts (default 0)")
+                        "default 10); local: restarts after a crash or a hang (default 10; the trainer stops at "
+                        "fault.in_job_restarts)")
     g.add_argument("--dry-run", action="store_true",
                    help="print the exact job script or commands and their environment; submit nothing")
     g.add_argument("--follow", action="store_true", help="SLURM: stream rank 0's log until the job ends")
@@ -164,20 +165,26 @@ def run_local(args, spec: specs.JobSpec, backend: str) -> int:
         raise UserError(f"--nodes {spec.nodes} without SLURM needs --master-addr (node 0's address) and --node-rank")
     if not 0 <= args.node_rank < spec.nodes:
         raise UserError(f"--node-rank {args.node_rank} is not in 0..{spec.nodes - 1}")
-    node = local.Node(node_rank=args.node_rank, master_addr=args.master_addr, master_port=args.master_port,
-                      max_restarts=args.max_restarts or 0)
+    node = local.Node(node_rank=args.node_rank, master_addr=args.master_addr, master_port=args.master_port)
     if backend == "docker":
         gpus = not args.cpu if args.cpu is not None else shutil.which("nvidia-smi") is not None
         build = lambda n: local.docker_command(spec, n, args.image, gpus)  # noqa: E731
     else:
         build = lambda n: local.train_command(spec, n, local.python())  # noqa: E731
-    commands = {r: build(local.Node(r, node.master_addr, node.master_port, node.max_restarts))
-                for r in range(spec.nodes)}
+    commands = {r: build(local.Node(r, node.master_addr, node.master_port)) for r in range(spec.nodes)}
     text = "\n".join(_header(args, spec, backend, "") + [local.describe(spec, node, commands)])
     print(text, flush=True)
     if args.dry_run:
         return 0
-    rc = local.run(commands[node.node_rank], spec.env)
+    from gpt_train import supervise
+
+    argv = commands[node.node_rank]
+    if backend == "docker":  # the image's entrypoint restarts its ranks itself
+        rc, _ = supervise.run_once(argv, {**os.environ, **spec.env})
+    else:
+        rc = supervise.supervise(argv, spec.ranks_per_node, {**os.environ, **spec.env},
+                                 protocol.MAX_IN_JOB if args.max_restarts is None else args.max_restarts,
+                                 say=lambda m: print(m, flush=True))
     if rc == protocol.EXIT_REQUEUE:
         print(f"{PROG}: the run checkpointed and stopped (exit {rc}); the same command resumes it", flush=True)
     return rc

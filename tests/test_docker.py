@@ -147,10 +147,14 @@ def test_entrypoint_dispatch(docker_engine, image):
     assert program.returncode == 0 and program.stdout.strip() == str(IMAGE_UID), output(program)
     dry = docker_run(docker_engine, "-e", "GPT_TRAIN_DRY_RUN=1", "-e", "NPROC_PER_NODE=4", image, "gpt2", "x=1")
     assert dry.returncode == 0, output(dry)
-    assert shlex.split(dry.stdout)[-8:] == ["--nproc-per-node=4", "--standalone", "--local-addr=127.0.0.1",
-                                            "-m", "gpt_train", "train", "gpt2", "x=1"]
+    words = shlex.split(dry.stdout)
+    assert words[:6] == ["python3", "-m", "gpt_train.supervise", "--ranks", "4", "--"], output(dry)
+    assert words[-10:] == ["--nproc-per-node=4", "--standalone", "--local-addr=127.0.0.1",
+                           "--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1,SIGUSR2", "--shutdown-timeout=150",
+                           "-m", "gpt_train", "train", "gpt2", "x=1"], output(dry)
     cpu = docker_run(docker_engine, "-e", "GPT_TRAIN_DRY_RUN=1", image)
-    assert shlex.split(cpu.stdout) == ["python3", "-m", "gpt_train", "train", "default"], output(cpu)
+    assert shlex.split(cpu.stdout) == ["python3", "-m", "gpt_train.supervise", "--ranks", "1", "--", "python3", "-m",
+                                       "gpt_train", "train", "default"], output(cpu)
     multi = docker_run(docker_engine, "-e", "GPT_TRAIN_DRY_RUN=1", "-e", "NPROC_PER_NODE=8", "-e",
                        "TORCHRUN_ARGS=--nnodes=2 --node-rank=1 --rdzv-backend=c10d --rdzv-endpoint=n1:29500",
                        image, "train", "gpt2")

@@ -64,7 +64,7 @@ def test_dry_run_for_two_gpu_nodes_shows_what_the_cluster_needs(capsys, tmp_path
                  "export NCCL_IB_DISABLE=0", "export NCCL_SOCKET_IFNAME=ib0", "export GLOO_SOCKET_IFNAME=ib0",
                  "export NCCL_DEBUG=INFO", "gpt_train_rendezvous"):
         assert line in script.splitlines(), line
-    srun = [ln for ln in script.splitlines() if ln.startswith("srun ")]
+    srun = [ln for ln in script.splitlines() if ln.startswith("gpt_train_launch srun ")]
     assert len(srun) == 1 and "--wait=60" in srun[0] and "-m submitit.core._submit" in srun[0]
     before, after = script.split(srun[0], 1)
     assert protocol.shell_text() in before  # the rendezvous and requeue functions (tests/test_protocol.py)
@@ -110,7 +110,7 @@ def test_containers_pyxis_and_apptainer(capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     out = dry(capsys, "--gpus", "4", "--gpu", "--container-image", "nvcr.io#nvidia/pytorch:24.05-py3", "gpt2")
     script = script_of(out)
-    srun = next(ln for ln in script.splitlines() if ln.startswith("srun "))
+    srun = next(ln for ln in script.splitlines() if ln.startswith("gpt_train_launch srun "))
     assert "--container-image=nvcr.io#nvidia/pytorch:24.05-py3" in srun
     assert f"--container-mounts={tmp_path}:{tmp_path}" in srun and f"--container-workdir={tmp_path}" in srun
     assert " python3 -u -m submitit.core._submit " in srun
@@ -119,7 +119,7 @@ def test_containers_pyxis_and_apptainer(capsys, tmp_path, monkeypatch):
 
     out = dry(capsys, "--gpus", "4", "--gpu", "--apptainer", "/images/gpt train.sif", "--container-mounts",
               "/data:/data", "gpt2")
-    srun = next(ln for ln in script_of(out).splitlines() if ln.startswith("srun "))
+    srun = next(ln for ln in script_of(out).splitlines() if ln.startswith("gpt_train_launch srun "))
     assert (f"apptainer exec --nv --bind /data:/data,{tmp_path}/logs/gpt2/cache:/cache '/images/gpt train.sif' "
             "python3 -u -m submitit.core._submit") in srun
     assert "container-image" not in srun
@@ -140,7 +140,7 @@ def test_containers_on_slurm_get_a_writable_cache_and_the_data(capsys, tmp_path,
     cache = work / "logs" / "gpt2" / "cache"
     for flag in ("--apptainer", "--container-image"):
         script = script_of(dry(capsys, "--gpus", "4", "--gpu", flag, "/images/gpt.sif", "gpt2", f"data.dir={data}"))
-        srun = next(ln for ln in script.splitlines() if ln.startswith("srun "))
+        srun = next(ln for ln in script.splitlines() if ln.startswith("gpt_train_launch srun "))
         binds = f"{work}:{work},{data}:{data}:ro,{cache}:/cache"
         assert (f"--bind {binds} /images/gpt.sif" if flag == "--apptainer" else f"--container-mounts={binds}") in srun
         assert f"mkdir -p {cache}" in script.split(srun)[0]  # by the batch shell, before srun
@@ -161,8 +161,8 @@ def test_sbatch_script_is_valid_and_documents_its_variables():
         assert re.search(rf"^{var}=\$\{{{var}:-", text, re.M), var
     assert 'CONFIG=${1:-configs/gpt2.yaml}' in text
     assert '--container-image="$CONTAINER_IMAGE"' in text and 'apptainer exec --nv' in text
-    assert 'gpt_train_requeue "$(gpt_train_requeue_why "$RC" "$TERMED" "$USR2ED" "$JOB")" "$RESTARTS" ' \
-        '"$MAX_RESTARTS"' in text.splitlines()
+    assert 'gpt_train_requeue "$(gpt_train_requeue_why "$RC" "$gpt_train_term" "$gpt_train_usr2" "$JOB")" ' \
+        '"$RESTARTS" "$MAX_RESTARTS"' in text.splitlines()
     shellcheck = _shellcheck()
     if shellcheck:
         p = subprocess.run([shellcheck, str(path)], capture_output=True, text=True)
@@ -367,7 +367,8 @@ def test_local_backend_runs_torchrun_with_two_cpu_ranks(tmp_path, tiny_data):
     run = tmp_path / "run"
     p = _local_run(tiny_data, run, "--gpus", "2")
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    assert "torch.distributed.run --standalone --nnodes=1 --nproc-per-node=2 -m gpt_train train default" in p.stdout
+    assert ("torch.distributed.run --standalone --nnodes=1 --nproc-per-node=2 --signals-to-handle=SIGTERM,SIGINT,"
+            "SIGHUP,SIGQUIT,SIGUSR1,SIGUSR2 --shutdown-timeout=150 -m gpt_train train default") in p.stdout
     assert "world: 2 rank(s) on 1 node(s)" in p.stdout
     assert [r["step"] for r in read_metrics(run) if "loss" in r] == [1, 2, 3, 4, 5, 6]
 

@@ -43,7 +43,8 @@ def test_both_job_scripts_carry_the_generated_text(tmp_path):
     text = SBATCH.read_text()
     assert protocol.synced(text) == text, "slurm/pretrain.sbatch is stale: run `python -m gpt_train.protocol sync`"
     generated = functions(protocol.shell_text())
-    assert set(generated) == {"gpt_train_rendezvous", "gpt_train_requeue_why", "gpt_train_requeue"}
+    assert set(generated) == {"gpt_train_rendezvous", "gpt_train_traps", "gpt_train_launch", "gpt_train_requeue_why",
+                              "gpt_train_exclusions", "gpt_train_requeue"}
     assert functions(text) == generated == functions(submitit_script(tmp_path))
 
 
@@ -69,6 +70,9 @@ class Row(NamedTuple):
     why: str | None  # the reason it gives for a requeue (None: it gives none)
     requeued: bool
     scripts: tuple[str, ...] = ("sbatch", "submitit")
+    then: int | None = None  # srun's exit when it is run again (None: the same as the first time)
+    runs: int = 1  # how many times the batch shell runs srun
+    bad_nodes: str = ""  # the node report the ranks left ("HOST\twhy" lines)
 
 
 USR2_LATE = "USR2 (time limit near) came before the ranks listened"
@@ -86,7 +90,21 @@ ROWS = [
     Row("usr2-to-the-batch-shell", 1, "USR2", RUNNING, 0, f"{USR2_LATE} (exit 1)", True, ("sbatch",)),
     # submitit: --signal=USR2 reaches the ranks, which die of it before the trainer listens: 128 + SIGUSR2
     Row("usr2-killed-the-ranks", 140, None, RUNNING, 0, f"{USR2_LATE} (exit 140)", True),
-    Row("crash", 1, None, RUNNING, 0, None, False),
+    # in-job restarts: a new srun in the same allocation, with the previous exit code for the ranks
+    Row("crash-restarted", 1, None, RUNNING, 0, None, False, then=0, runs=2),
+    Row("killed-restarted", 137, None, RUNNING, 0, None, False, then=0, runs=2),
+    Row("hang-restarted", 76, None, RUNNING, 0, None, False, then=0, runs=2),
+    Row("hang-then-in-job-budget-spent", 76, None, RUNNING, 0, "the ranks checkpointed and exited 75", True,
+        then=75, runs=2),
+    Row("crash-every-time", 1, None, RUNNING, 0, None, False, runs=1 + protocol.MAX_IN_JOB),
+    # never retried: a user error, the restart policy's verdict
+    Row("user-error", 2, None, RUNNING, 0, None, False),
+    Row("gave-up", 78, None, RUNNING, 0, None, False),
+    # a node failed its start-up check: requeued without it (hold, ExcNodeList, release)
+    Row("bad-node", 77, None, RUNNING, 0, "a node failed the start-up check (exit 77)", True,
+        bad_nodes="node2\tinjected (GPT_TRAIN_FAULT)\n"),
+    Row("bad-node-cannot-leave-the-only-nodes", 77, None, RUNNING, 0, "a node failed the start-up check (exit 77)",
+        True, bad_nodes="node1\tx\nnode2\ty\n"),
 ]
 
 
@@ -95,29 +113,45 @@ def stubs(tmp_path, row: Row) -> dict[str, str]:
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     log = tmp_path / "calls"
+    report = tmp_path / "nodes"
+    report.write_text(row.bad_nodes)
+    then = row.rc if row.then is None else row.then
     bodies = {
-        "scontrol": f'echo "scontrol $*" >> {log}\ncase "$1 $2" in\n  "show hostnames") echo node1; echo node2 ;;\n'
+        # show hostnames: the nodelist expanded (node[1-2] and the exclusions' plain names)
+        "scontrol": f'echo "scontrol $*" >> {log}\ncase "$1 $2" in\n'
+                    '  "show hostnames") if [ "$3" = "node[1-2]" ]; then echo node1; echo node2; '
+                    'else echo "$3" | tr , "\\n"; fi ;;\n'
                     f'  "show job") echo "{row.job}" ;;\nesac\n',
         "squeue": "echo 2026-11-22T03:00:00\n",
+        "sinfo": "echo 2\n",  # the partition's nodes
         "srun": f'printf "%s\\n" "$@" > {tmp_path / "srun-args"}\n'
+                f'echo "${{GPT_TRAIN_PREVIOUS_EXIT:-none}}" >> {tmp_path / "srun-runs"}\n'
                 f'if [ "{row.signal}" = USR2 ]; then\n'
                 f'  trap \'exit {row.rc}\' USR2\n  touch {tmp_path / "srun-ready"}\n  while :; do sleep 0.05; done\n'
-                f'fi\nexit {row.rc}\n',
+                f'fi\n[ "$(wc -l < {tmp_path / "srun-runs"})" -gt 1 ] && exit {then}\nexit {row.rc}\n',
     }
     for name, body in bodies.items():
         (bin_dir / name).write_text("#!/bin/bash\n" + body)
         (bin_dir / name).chmod(0o755)
     return {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": "4242", "SLURM_NTASKS": "2",
-            "SLURM_JOB_NODELIST": "node[1-2]", "SLURM_RESTART_COUNT": str(row.restarts)}
+            "SLURM_JOB_NODELIST": "node[1-2]", "SLURM_RESTART_COUNT": str(row.restarts), "SLURM_JOB_NUM_NODES": "1",
+            "GPT_TRAIN_NODE_REPORT": str(report)}
+
+
+def inject(script: str, tmp_path, row: Row) -> str:
+    """The batch shell gets row.signal while the ranks run (both scripts start them in gpt_train_launch)."""
+    started = "    gpt_train_pid=$!\n"
+    assert script.count(started) == 1
+    if row.signal == "TERM":
+        return script.replace(started, started + "    kill -TERM $$\n")
+    if row.signal == "USR2":
+        return script.replace(started, started + f"    until [ -e {tmp_path / 'srun-ready'} ]; do sleep 0.05; done\n"
+                              "    kill -USR2 $$\n")
+    return script
 
 
 def run_sbatch(tmp_path, row: Row, env: dict[str, str]) -> subprocess.CompletedProcess:
-    script = SBATCH.read_text()
-    if row.signal == "TERM":
-        script = script.replace("PID=$!\n", "PID=$!\nkill -TERM $$\n", 1)
-    elif row.signal == "USR2":
-        script = script.replace("PID=$!\n", f"PID=$!\nuntil [ -e {tmp_path / 'srun-ready'} ]; do sleep 0.05; done\n"
-                                "kill -USR2 $$\n", 1)
+    script = inject(SBATCH.read_text(), tmp_path, row)
     env = {**env, "MAX_RESTARTS": str(CAP), "GPT_TRAIN_PYTHON": "python-x"}
     p = subprocess.run(["bash", "-c", script, "pretrain.sbatch", "gpt2", "optim.lr=1e-4", "x=a b"], env=env,
                        capture_output=True, text=True, timeout=60)
@@ -131,8 +165,7 @@ def run_sbatch(tmp_path, row: Row, env: dict[str, str]) -> subprocess.CompletedP
 def run_submitit(tmp_path, row: Row, env: dict[str, str]) -> subprocess.CompletedProcess:
     script = submitit_script(tmp_path)
     assert f"#SBATCH --signal=USR2@{Resources().signal_delay_s}" in script.splitlines()  # to the ranks
-    if row.signal == "TERM":
-        script = script.replace("export SUBMITIT_EXECUTOR=slurm\n", "export SUBMITIT_EXECUTOR=slurm\nkill -TERM $$\n")
+    script = inject(script, tmp_path, row)
     p = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True, timeout=60)
     assert "-m\nsubmitit.core._submit\n" in (tmp_path / "srun-args").read_text()
     return p
@@ -146,8 +179,20 @@ def test_requeue_decision(tmp_path, script, row):
     calls = (tmp_path / "calls").read_text()
     start = rf"^gpt-train: job 4242 start {row.restarts + 1} at .* master node1:24242, ends 2026-11-22T03:00:00$"
     assert re.search(start, p.stdout, re.M), out  # the rendezvous: 20000 + 4242 % 20000
-    assert ("scontrol requeue 4242" in calls) == row.requeued, out
-    assert p.returncode == (0 if row.requeued else row.rc), out
+    runs = (tmp_path / "srun-runs").read_text().split()
+    assert len(runs) == row.runs, out
+    assert runs[1:] == ([str(row.rc)] * (row.runs - 1)), out  # each restart knows how the ranks ended before
+    final = row.rc if row.then is None else row.then
+    excluded = row.name == "bad-node"
+    assert ("scontrol requeue 4242" in calls) == (row.requeued and not excluded), out
+    assert ("scontrol requeuehold 4242" in calls) == excluded, out
+    if excluded:  # a running job's ExcNodeList cannot change: held, changed, released
+        assert calls.index("requeuehold") < calls.index("ExcNodeList=node2") < calls.index("scontrol release 4242")
+        assert "without node(s) node2: injected (GPT_TRAIN_FAULT)" in p.stdout, out
+        assert (tmp_path / "nodes").read_text() == "", "the report is emptied once its nodes are excluded"
+    if row.bad_nodes and not excluded:
+        assert "the partition would have too few nodes for the job" in out, out
+    assert p.returncode == (0 if row.requeued else final), out
     if row.why is None:
         assert "requeueing" not in p.stdout, out
     elif row.requeued:
