@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from concurrent.futures import Future, ThreadPoolExecutor
 from functools import lru_cache
 from pathlib import Path
@@ -18,19 +19,30 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from gpt_train import formats
 from gpt_train.errors import CheckpointError, DataError
 
-FORMAT = "gpt-train-tokens/1"
+FORMAT = formats.META_FORMAT
 
 
-def read_meta(data_dir: str) -> dict:
+def read_meta(data_dir: str, data_format: str = "auto") -> dict:
+    """The description of a data directory: its meta.json, or, where it has none, that of the llm.c or nanoGPT
+    token files in it (`data_format` auto or llmc or nanogpt; gpt-train needs a meta.json). A named format
+    must be what the directory holds."""
+    if data_format not in formats.CHOICES:
+        raise DataError(f"data.format {data_format!r} is none of {', '.join(formats.CHOICES)}")
     if "://" in data_dir and not data_dir.startswith("file://"):
         raise DataError(f"data.dir '{data_dir}' must be a local path: shards are memory-mapped. "
                         "Copy the prepared directory to local or shared disk first")
-    path = Path(data_dir.removeprefix("file://")) / "meta.json"
+    root = Path(data_dir.removeprefix("file://"))
+    path = root / "meta.json"
     if not path.is_file():
-        raise DataError(f"no prepared data in '{data_dir}' (missing {path.name}): "
-                        f"run `gpt-train prepare INPUT... --out {data_dir}`")
+        found = formats.detect(root) if data_format == "auto" else data_format
+        if found in (None, formats.NATIVE):
+            raise DataError(f"no prepared data in '{data_dir}' (missing {path.name}): run `gpt-train prepare "
+                            f"INPUT... --out {data_dir}`, or `gpt-train prepare --index {data_dir}` for llm.c or "
+                            "nanoGPT token files")
+        return formats.describe(root, found)
     try:
         meta = json.loads(path.read_text())
     except json.JSONDecodeError as e:
@@ -43,6 +55,14 @@ def read_meta(data_dir: str) -> dict:
     def bad(problem: str) -> DataError:
         return DataError(f"'{path}' has {problem}: run `gpt-train prepare --force`")
 
+    shard_format = formats.of(meta)
+    if shard_format not in formats.FORMATS:
+        raise bad(f"shard_format {shard_format!r}; gpt-train reads {', '.join(formats.FORMATS)}")
+    if data_format not in ("auto", shard_format):
+        raise DataError(f"'{path}' describes {shard_format} token files, but data.format is {data_format}")
+    if meta.get("header_bytes", 0) != formats.HEADER_BYTES[shard_format]:
+        raise bad(f"header_bytes {meta.get('header_bytes')!r}; {shard_format} files have "
+                  f"{formats.HEADER_BYTES[shard_format]}")
     tokenizer = meta.get("tokenizer")
     if not isinstance(tokenizer, dict):
         raise bad("no 'tokenizer' object")
@@ -51,6 +71,8 @@ def read_meta(data_dir: str) -> dict:
         raise bad(f"tokenizer n_vocab {n_vocab!r}, not a positive integer")
     if meta.get("dtype") not in ("uint16", "uint32"):
         raise bad(f"token dtype {meta.get('dtype')!r}; gpt-train writes uint16 or uint32")
+    if shard_format == formats.NANOGPT and meta["dtype"] != "uint16":
+        raise bad(f"token dtype {meta['dtype']!r}; nanoGPT's files hold uint16")
     splits = meta.get("splits")
     if not isinstance(splits, dict):
         raise bad("no 'splits' object")
@@ -61,35 +83,48 @@ def read_meta(data_dir: str) -> dict:
     return meta
 
 
+def bits_per_byte(loss_nats_per_token: float, meta: dict, split: str = "val") -> float | None:
+    """A loss in bits per byte of text: comparable across tokenizers, where nats per token are not. The ratio
+    of tokens to bytes is the whole split's (a val loss measured on part of it is taken as the split's). None
+    where meta.json does not know the split's bytes of text (prepared before gpt-train recorded them)."""
+    info = meta.get("splits", {}).get(split)
+    tokens, text_bytes = (info.get("tokens"), info.get("text_bytes")) if isinstance(info, dict) else (None, None)
+    if type(tokens) is not int or type(text_bytes) is not int or text_bytes <= 0:
+        return None
+    return loss_nats_per_token / math.log(2) * tokens / text_bytes
+
+
 class Split:
     """One split (train or val) of a prepared directory: its shards as read-only memmaps."""
 
-    def __init__(self, data_dir: str, split: str, seq_len: int):
-        meta = read_meta(data_dir)
+    def __init__(self, data_dir: str, split: str, seq_len: int, data_format: str = "auto"):
+        meta = read_meta(data_dir, data_format)
         root = Path(data_dir.removeprefix("file://"))
         if split not in meta["splits"]:
             raise DataError(f"'{data_dir}' has no '{split}' split (has: {', '.join(meta['splits'])})")
         dtype = np.dtype(meta["dtype"])
+        shard_format = formats.of(meta)
         n_vocab = meta["tokenizer"]["n_vocab"]
         info = meta["splits"][split]
-        self.shards: list[np.memmap] = []
+        self.shards: list[np.ndarray] = []
         for name in info["shards"]:
             path = root / name
             if not path.is_file():
                 raise DataError(f"shard '{path}' listed in meta.json is missing: run `gpt-train prepare --force`")
-            if path.stat().st_size % dtype.itemsize:
-                raise DataError(f"shard '{path}' is truncated (size not a multiple of {dtype.itemsize} bytes)")
-            shard = np.memmap(path, dtype=dtype, mode="r")
+            shard = formats.open_tokens(path, shard_format, dtype)
             # An id past the vocabulary would index outside the embedding at whichever step drew it. prepare
-            # records the largest id of a split; for data prepared before it did, every shard is read once per
-            # start (about 0.05 s per GB from the page cache, the disk's read speed otherwise).
+            # records the largest id of a split; for data prepared before it did, and foreign files read without
+            # `prepare --index`, every shard is read once per start (about 0.05 s per GB from the page cache,
+            # the disk's read speed otherwise).
             recorded = info.get("max_id")
             top = recorded if isinstance(recorded, int) else int(shard.max(initial=0))
             if top >= n_vocab:
                 where = f"the '{split}' split of '{data_dir}' (meta.json)" if isinstance(recorded, int) else f"shard '{path}'"
-                raise DataError(f"{where} holds token id {top}, outside the vocabulary of {n_vocab} that meta.json "
-                                f"gives tokenizer {meta['tokenizer'].get('name')!r}: the shards and meta.json do not "
-                                "belong together; run `gpt-train prepare --force`")
+                fix = ("the shards and meta.json do not belong together; run `gpt-train prepare --force`"
+                       if shard_format == formats.NATIVE else f"these {shard_format} files hold the ids of another "
+                       "tokenizer, which gpt-train cannot read them with")
+                raise DataError(f"{where} holds token id {top}, outside the vocabulary of {n_vocab} of tokenizer "
+                                f"{meta['tokenizer'].get('name')!r}: {fix}")
             self.shards.append(shard)
         self.seq_len = seq_len
         # A window holds seq_len inputs plus the one-token-shifted target, inside one shard.
@@ -194,11 +229,18 @@ def eval_batches(split: Split, batches: int, micro_batch: int, rank: int, world_
 
 def fingerprint(meta: dict) -> str:
     """The identity of a prepared directory's token stream, from its meta.json: the same for a copy moved
-    elsewhere, different when it was prepared again from other input or with other options."""
+    elsewhere, different when it was prepared again from other input or with other options, or when other
+    foreign files lie in place of indexed ones. Keys added since the first version count only where present,
+    so that the data of existing checkpoints keeps its fingerprint."""
+    def split_identity(split: dict) -> list:
+        return [split["shards"], split.get("tokens"), *([split["sample_sha256"]] if "sample_sha256" in split else [])]
+
     identity = {
         "tokenizer": meta["tokenizer"].get("sha256"), "dtype": meta["dtype"],
-        "splits": {name: (split["shards"], split.get("tokens")) for name, split in meta["splits"].items()},
+        "splits": {name: split_identity(split) for name, split in meta["splits"].items()},
         "sources": [(Path(src["path"]).name, src.get("bytes")) for src in meta.get("sources", [])],
         "val_fraction": meta.get("val_fraction"), "options": meta.get("options"),
     }
+    if formats.of(meta) != formats.NATIVE:
+        identity["shard_format"] = formats.of(meta)
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]

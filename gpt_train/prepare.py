@@ -1,4 +1,5 @@
-"""`gpt-train prepare`: tokenize text into flat train/val token shards that training memory-maps.
+"""`gpt-train prepare`: tokenize text into flat train/val token shards that training memory-maps; or, with
+`--index DIR`, describe the llm.c or nanoGPT token files already in DIR (gpt_train.formats) without touching them.
 
 Inputs are text files (one document each), JSONL (`.jsonl`, `.json`, optionally compressed, one document per
 line in field `text`) and parquet (column `text`), given as paths, directories, globs or fsspec URLs.
@@ -28,6 +29,11 @@ Design choices, and why:
   staging folder and moved in place at the end, meta.json last, so an interrupted run never leaves a
   meta.json that points at partial shards. A failed run leaves the previous output as it was.
 - Progress and MB/s count input bytes as stored (compressed bytes for .gz files).
+- Shards are gpt-train's bare ids, or with --format llmc llm.c's (a header, then the ids), so that llm.c's
+  tools train on the same data; training reads both in place.
+- meta.json records the UTF-8 bytes of each split's text (`text_bytes`), so that a loss can be read in bits
+  per byte. They are summed from the ids (each id's byte length; <|endoftext|> counts 0), which is exact for
+  byte-level BPE and also holds for val cut from the tail of train, whose text is never seen apart.
 """
 
 from __future__ import annotations
@@ -61,10 +67,11 @@ from fsspec.implementations.local import LocalFileSystem
 from fsspec.utils import infer_compression
 from tqdm import tqdm
 
+from gpt_train import formats
 from gpt_train import tokenizer as tokenizers
 from gpt_train.errors import DataError
 
-FORMAT = "gpt-train-tokens/1"  # what gpt_train.data reads; it is not imported here because it imports torch
+FORMAT = formats.META_FORMAT  # what gpt_train.data reads (it is not imported here: it imports torch)
 DEFAULT_SHARD_TOKENS = 100_000_000  # 200 MB of uint16: few files, and training windows never cross a shard
 BLOCK_CHARS = 1 << 20  # read size, and the size of the pieces a long document is cut into
 ITEM_CHARS = 1 << 20  # text per task handed to a worker: large enough that per-task overhead is negligible
@@ -305,14 +312,28 @@ def _items(stream: Iterable[tuple[str, bool, int]], val_fraction: float) -> Iter
 # ---------------------------------------------------------------------------------------------------- outputs
 
 
-class _ShardWriter:
-    """Appends one split's tokens to `<split>-00000.bin`, ... of at most `shard_tokens` tokens each."""
+def token_bytes(tok: tokenizers.Tokenizer) -> np.ndarray:
+    """The UTF-8 bytes each id spells, 0 for <|endoftext|>: byte-level BPE is lossless, so the sum over a token
+    stream is the byte count of its text (as decoded from the input), without decoding it."""
+    lengths = np.zeros(tok.n_vocab, np.int64)
+    for token, rank in tok.ranks.items():
+        lengths[rank] = len(token)
+    return lengths
 
-    def __init__(self, directory: Path, split: str, dtype: np.dtype, shard_tokens: int):
+
+class _ShardWriter:
+    """Appends one split's tokens to shards (`<split>-00000.bin`, ... or llm.c's) of at most `shard_tokens` each."""
+
+    def __init__(self, directory: Path, split: str, dtype: np.dtype, shard_tokens: int, shard_format: str,
+                 byte_lengths: np.ndarray):
         self.directory, self.split, self.dtype, self.shard_tokens = directory, split, dtype, shard_tokens
+        self.shard_format, self.byte_lengths = shard_format, byte_lengths
+        self.header_bytes = formats.HEADER_BYTES[shard_format]
         self.shards: list[str] = []
+        self.counts: list[int] = []  # tokens of each shard: an llm.c header holds its own
         self.tokens = 0
         self.max_id = -1  # recorded, so that training checks the vocabulary without reading every shard
+        self.text_bytes = 0  # recorded, for losses in bits per byte
         self._file: BinaryIO | None = None
         self._room = 0
 
@@ -320,39 +341,51 @@ class _ShardWriter:
         while len(ids):
             if self._room == 0:
                 self.close()
-                self.shards.append(f"{self.split}-{len(self.shards):05d}.bin")
+                self.shards.append(formats.shard_name(self.shard_format, self.split, len(self.shards)))
+                self.counts.append(0)
                 self._file = open(self.directory / self.shards[-1], "wb")
+                self._file.write(bytes(self.header_bytes))  # written by close, once the count is known
                 self._room = self.shard_tokens
             head, ids = ids[: self._room], ids[self._room :]
             head.tofile(self._file)
             if len(head):
                 self.max_id = max(self.max_id, int(head.max()))
+                self.text_bytes += int(self.byte_lengths[head].sum())
             self._room -= len(head)
             self.tokens += len(head)
+            self.counts[-1] += len(head)
 
     def close(self) -> None:
         if self._file:
+            if self.header_bytes:
+                self._file.seek(0)
+                self._file.write(formats.llmc_header(self.counts[-1], self.dtype))
             self._file.close()
         self._file, self._room = None, 0
 
 
 def _move_tail(train: _ShardWriter, val: _ShardWriter, count: int) -> None:
     """Move the last `count` tokens of (closed) train to val, in order, a bounded block at a time."""
-    keep, offset, kept = train.tokens - count, 0, []
-    itemsize = train.dtype.itemsize
-    for name in train.shards:
+    keep, offset, kept, kept_counts = train.tokens - count, 0, [], []
+    itemsize, header = train.dtype.itemsize, train.header_bytes
+    for name, n in zip(train.shards, train.counts):
         path = train.directory / name
-        n = path.stat().st_size // itemsize
         cut = min(max(keep - offset, 0), n)
         for start in range(cut, n, _COPY_TOKENS):
-            val.write(np.fromfile(path, train.dtype, count=min(_COPY_TOKENS, n - start), offset=start * itemsize))
+            val.write(np.fromfile(path, train.dtype, count=min(_COPY_TOKENS, n - start),
+                                  offset=header + start * itemsize))
         if cut:
-            os.truncate(path, cut * itemsize)
+            os.truncate(path, header + cut * itemsize)
+            if header:
+                with open(path, "r+b") as f:
+                    f.write(formats.llmc_header(cut, train.dtype))
             kept.append(name)
+            kept_counts.append(cut)
         else:
             path.unlink()
         offset += n
-    train.shards, train.tokens = kept, keep
+    train.shards, train.counts, train.tokens = kept, kept_counts, keep
+    train.text_bytes -= val.text_bytes  # val was empty: what it holds now is what train gave
 
 
 _worker_tokenizer: tokenizers.Tokenizer | None = None  # set in each worker process by _start_worker
@@ -424,15 +457,22 @@ def _tokenize(items: Iterable[tuple[list, int]], tok: tokenizers.Tokenizer, writ
 
 def prepare(inputs: list[str], out: str, *, val_fraction: float = 0.005, train_tokenizer: int | None = None,
             strip_gutenberg: bool = False, shard_tokens: int = DEFAULT_SHARD_TOKENS, workers: int | None = None,
-            force: bool = False) -> dict:
+            force: bool = False, shard_format: str = formats.NATIVE) -> dict:
     """Tokenize `inputs` into the local directory `out` (see the module docstring); returns its meta.json.
 
     `workers` is the number of encoding processes (None or 0: one per core this process may use); 1, or
-    input that fits in one task, encodes on a single thread instead."""
+    input that fits in one task, encodes on a single thread instead. `shard_format` llmc writes llm.c's shards
+    (version 1, uint16, for vocabularies up to 65536 ids; version 7, uint32, above), which its tools read too."""
     if not 0 < val_fraction < 1:
         raise DataError(f"--val-fraction must be between 0 and 1 (exclusive), got {val_fraction}")
     if shard_tokens < 1:
         raise DataError(f"--shard-tokens must be positive, got {shard_tokens}")
+    if shard_format not in (formats.NATIVE, formats.LLMC):
+        raise DataError(f"--format {shard_format} is not written, only read (with --index): prepare writes "
+                        f"{formats.NATIVE} or {formats.LLMC}")
+    if shard_format == formats.LLMC and shard_tokens > formats.LLMC_MAX_TOKENS:
+        raise DataError(f"--shard-tokens {shard_tokens} does not fit llm.c's header, which counts a shard's tokens "
+                        f"in an int32: at most {formats.LLMC_MAX_TOKENS}")
     if workers is not None and workers < 0:
         raise DataError(f"--workers must not be negative, got {workers}")
     if "://" in out and not out.startswith("file://"):
@@ -444,18 +484,20 @@ def prepare(inputs: list[str], out: str, *, val_fraction: float = 0.005, train_t
                           "train_tokenizer": train_tokenizer}}
     if not train_tokenizer:
         wanted["tokenizer"] = tokenizers.gpt2().identity()
-    current = None if force else _up_to_date(out_dir, wanted)
+    current = None if force else _up_to_date(out_dir, wanted, shard_format)
     if not force and not current:
         _refuse_other_input(out_dir, wanted)
     if current:
         splits = ", ".join(f"{split} {info['tokens']:,}" for split, info in current["splits"].items())
-        print(f"{out_dir} is up to date ({splits} tokens); --force redoes it", flush=True)
+        unknown = any("text_bytes" not in info for info in current["splits"].values())
+        print(f"{out_dir} is up to date ({splits} tokens); --force redoes it"
+              + (", and records the bytes of text that bits per byte need" if unknown else ""), flush=True)
         return current
     tasks = math.ceil(sum(s.size for s in sources) / ITEM_CHARS)  # ~1 per MB: more workers would idle
-    return _build(sources, out_dir, wanted, max(1, min(workers or _cores(), tasks)))
+    return _build(sources, out_dir, wanted, max(1, min(workers or _cores(), tasks)), shard_format)
 
 
-def _build(sources: list[Source], out_dir: Path, wanted: dict, workers: int) -> dict:
+def _build(sources: list[Source], out_dir: Path, wanted: dict, workers: int, shard_format: str) -> dict:
     """Tokenize into a staging folder, then move the result in place; a failure leaves `out_dir` as it was."""
     options = wanted["options"]
     staging = out_dir / _STAGING
@@ -465,14 +507,17 @@ def _build(sources: list[Source], out_dir: Path, wanted: dict, workers: int) -> 
     try:
         tok = _tokenizer(sources, options["train_tokenizer"], options["strip_gutenberg"], staging)
         dtype = token_dtype(tok.n_vocab)
-        writers = {split: _ShardWriter(staging, split, dtype, options["shard_tokens"]) for split in ("train", "val")}
+        lengths = token_bytes(tok)
+        writers = {split: _ShardWriter(staging, split, dtype, options["shard_tokens"], shard_format, lengths)
+                   for split in ("train", "val")}
         started = time.perf_counter()
         what = _tokenize_all(sources, tok, writers, wanted["val_fraction"], options["strip_gutenberg"], workers)
         val_from = "documents" if writers["val"].tokens else _val_from_tail(writers, wanted["val_fraction"])
         seconds = time.perf_counter() - started
-        meta = {**wanted, "tokenizer": tok.identity(), "dtype": dtype.name, "val_from": val_from,
-                "splits": {split: {"shards": w.shards, "tokens": w.tokens, "max_id": w.max_id}
-                           for split, w in writers.items()}}
+        meta = {**wanted, "shard_format": shard_format, "header_bytes": formats.HEADER_BYTES[shard_format],
+                "tokenizer": tok.identity(), "dtype": dtype.name, "val_from": val_from,
+                "splits": {split: {"shards": w.shards, "tokens": w.tokens, "max_id": w.max_id,
+                                   "text_bytes": w.text_bytes} for split, w in writers.items()}}
         _publish(staging, out_dir, meta)
     except BaseException:
         for writer in writers.values():
@@ -480,11 +525,76 @@ def _build(sources: list[Source], out_dir: Path, wanted: dict, workers: int) -> 
         shutil.rmtree(staging, ignore_errors=True)
         raise
     for split, w in writers.items():
-        print(f"{split}: {w.tokens:,} tokens in {len(w.shards)} shard(s)", flush=True)
+        print(f"{split}: {w.tokens:,} tokens in {len(w.shards)} shard(s), {w.text_bytes:,} bytes of text", flush=True)
     megabytes = sum(s.size for s in sources) / 1e6
     print(f"prepared {out_dir}: {megabytes:.1f} MB in {seconds:.1f} s ({megabytes / max(seconds, 1e-9):.1f} MB/s, "
-          f"{what}), tokenizer {tok.name} ({tok.n_vocab} ids), {dtype.name}", flush=True)
+          f"{what}), tokenizer {tok.name} ({tok.n_vocab} ids), {dtype.name} {shard_format} shards", flush=True)
     return meta
+
+
+def index(data_dir: str, data_format: str = "auto", force: bool = False) -> dict:
+    """Write the meta.json of the llm.c or nanoGPT token files in `data_dir`, which stay as they are; returns it.
+
+    Training could read them without it (gpt_train.data describes them from their headers at each start); what
+    this adds takes a read of every token, once: the largest id of each split, checked against the vocabulary,
+    and its bytes of text, counted by decoding (the byte length of each id), for bits per byte."""
+    if data_format not in ("auto", formats.LLMC, formats.NANOGPT):
+        raise DataError(f"--index reads {formats.LLMC} or {formats.NANOGPT} token files (or detects which: auto), "
+                        f"not --format {data_format}")
+    if "://" in data_dir and not data_dir.startswith("file://"):
+        raise DataError(f"--index needs a local directory (training memory-maps the files), got '{data_dir}'")
+    root = Path(data_dir.removeprefix("file://")).expanduser()
+    found = formats.detect(root) if data_format == "auto" else data_format
+    if found is None:
+        raise DataError(f"'{root}' holds no llm.c shards (*_train_*.bin, *_val_*.bin) and no nanoGPT train.bin and "
+                        "val.bin to index")
+    meta = formats.describe(root, found)
+    before = None if force else _indexed(root, meta)
+    if before:
+        print(f"{root} is indexed already (its {found} files are unchanged); --force reads them again", flush=True)
+        return before
+    started = time.perf_counter()
+    tok = tokenizers.from_identity(meta["tokenizer"], str(root))
+    lengths = token_bytes(tok)
+    dtype = np.dtype(meta["dtype"])
+    for info in meta["splits"].values():
+        info["max_id"], info["text_bytes"] = -1, 0
+        for name in info["shards"]:
+            tokens = formats.open_tokens(root / name, found, dtype)
+            for start in range(0, len(tokens), _COPY_TOKENS):  # bounded memory, whatever the size of a shard
+                chunk = np.asarray(tokens[start : start + _COPY_TOKENS])
+                top = int(chunk.max())
+                if top >= tok.n_vocab:
+                    raise DataError(f"{root / name} holds token id {top}, outside the {tok.n_vocab} ids of tokenizer "
+                                    f"{tok.name!r}: it was tokenized with another one, which gpt-train cannot index")
+                info["max_id"] = max(info["max_id"], top)
+                info["text_bytes"] += int(lengths[chunk].sum())
+    partial = root / "meta.json.partial"
+    partial.write_text(json.dumps(meta, indent=2) + "\n")
+    partial.replace(root / "meta.json")
+    splits = ", ".join(f"{name} {info['tokens']:,} tokens in {len(info['shards'])} file(s) "
+                       f"({info['text_bytes']:,} bytes of text)" for name, info in meta["splits"].items())
+    print(f"indexed {root} in {time.perf_counter() - started:.1f} s: {found} files, {dtype.name} ids of tokenizer "
+          f"{tok.name}; {splits}; wrote meta.json and left the token files as they are", flush=True)
+    return meta
+
+
+def _indexed(root: Path, meta: dict) -> dict | None:
+    """The meta.json that `index` wrote of these same files, if there is one; refuses to replace one from text."""
+    try:
+        before = json.loads((root / "meta.json").read_text())
+        if "sources" in before:
+            raise DataError(f"'{root / 'meta.json'}' was written by `gpt-train prepare` from text and describes its "
+                            "shards already: pass --force to replace it with an index of the token files")
+        scanned = {name: {key: info.pop(key) for key in ("max_id", "text_bytes")}
+                   for name, info in before["splits"].items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None  # none, or not one index wrote
+    if before != meta:
+        return None
+    for name, info in before["splits"].items():
+        info.update(scanned[name])
+    return before
 
 
 class _Progress(tqdm):
@@ -542,8 +652,11 @@ def _refuse_other_input(out_dir: Path, wanted: dict) -> None:
     it may be the data of a run that resumes from it, whose token stream would change under it."""
     try:
         meta = json.loads((out_dir / "meta.json").read_text())
+        if "sources" not in meta and formats.of(meta) != formats.NATIVE:
+            raise DataError(f"'{out_dir}' holds indexed {formats.of(meta)} token files: pass --force to replace its "
+                            "meta.json, or choose another --out")
         before = sorted(src["path"] for src in meta["sources"])
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return  # nothing prepared there, or nothing that says from what
     now = sorted(src["path"] for src in wanted["sources"])
     if before != now:
@@ -552,7 +665,7 @@ def _refuse_other_input(out_dir: Path, wanted: dict) -> None:
                         "or choose another --out")
 
 
-def _up_to_date(out_dir: Path, wanted: dict) -> dict | None:
+def _up_to_date(out_dir: Path, wanted: dict, shard_format: str) -> dict | None:
     """The existing meta.json if it was made from the same inputs and settings and its files are intact."""
     try:
         meta = json.loads((out_dir / "meta.json").read_text())
@@ -560,12 +673,15 @@ def _up_to_date(out_dir: Path, wanted: dict) -> dict | None:
         return None
     if not isinstance(meta, dict) or any(meta.get(key) != value for key, value in wanted.items()):
         return None
+    if formats.of(meta) != shard_format:
+        return None
     try:
         if wanted["options"]["train_tokenizer"]:
             tokenizers.from_identity(meta["tokenizer"], str(out_dir))
-        itemsize = np.dtype(meta["dtype"]).itemsize
+        itemsize, header = np.dtype(meta["dtype"]).itemsize, formats.HEADER_BYTES[shard_format]
         for info in meta["splits"].values():
-            if sum((out_dir / name).stat().st_size for name in info["shards"]) != info["tokens"] * itemsize:
+            size = sum((out_dir / name).stat().st_size for name in info["shards"])
+            if size != info["tokens"] * itemsize + header * len(info["shards"]):
                 return None
     except (OSError, KeyError, TypeError, DataError):
         return None
@@ -574,10 +690,13 @@ def _up_to_date(out_dir: Path, wanted: dict) -> dict | None:
 
 def _publish(staging: Path, out_dir: Path, meta: dict) -> None:
     """Replace the directory's previous output with the staged one; meta.json goes last."""
+    previous = _own_shards(out_dir)
     (out_dir / "meta.json").unlink(missing_ok=True)  # from here on the directory reads as "not prepared"
     for pattern in ("train-*.bin", "val-*.bin", tokenizers.BPE_FILE):
         for old in out_dir.glob(pattern):
             old.unlink()
+    for name in previous:
+        (out_dir / name).unlink(missing_ok=True)
     for new in staging.iterdir():
         new.replace(out_dir / new.name)
     staging.rmdir()
@@ -586,11 +705,31 @@ def _publish(staging: Path, out_dir: Path, meta: dict) -> None:
     partial.replace(out_dir / "meta.json")
 
 
+def _own_shards(out_dir: Path) -> list[str]:
+    """The llm.c-named shards an earlier prepare wrote here, by its meta.json: found by name alone they could be
+    llm.c's own, which are never deleted."""
+    try:
+        meta = json.loads((out_dir / "meta.json").read_text())
+        if "sources" not in meta:
+            return []
+        names = [name for info in meta["splits"].values() for name in info["shards"]]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return []
+    return [name for name in names if isinstance(name, str) and Path(name).name == name]
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("inputs", nargs="+", metavar="INPUT",
+    parser.add_argument("inputs", nargs="*", metavar="INPUT",
                         help="text files (one document each), .jsonl/.json (field 'text', may be .gz) or .parquet "
                              "(column 'text'): paths, directories, globs or URLs (s3://, gs://, hf://datasets/...)")
-    parser.add_argument("--out", required=True, metavar="DIR", help="local output directory")
+    parser.add_argument("--out", metavar="DIR", help="local output directory")
+    parser.add_argument("--index", metavar="DIR",
+                        help="instead of tokenizing: write DIR/meta.json for the llm.c shards or nanoGPT train.bin "
+                             "and val.bin in DIR (GPT-2 ids), which are read in place, never rewritten")
+    parser.add_argument("--format", choices=formats.CHOICES, metavar="FORMAT",
+                        help="with INPUT: the shards to write, gpt-train (default) or llmc (llm.c's, which its "
+                             "tools read too); with --index: the files to read, auto (default: detected), llmc or "
+                             "nanogpt")
     parser.add_argument("--val-fraction", type=float, default=0.005, metavar="F",
                         help="share of documents (or, with fewer than 1/F documents, of the tail) held out for "
                              "validation (default: %(default)s)")
@@ -608,7 +747,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.index:
+        if args.inputs or args.out:
+            raise DataError("--index DIR reads the token files in DIR: give it no INPUT and no --out")
+        index(args.index, args.format or "auto", force=args.force)
+        return 0
+    if not args.inputs or not args.out:
+        raise DataError("give INPUT... and --out DIR (or --index DIR, for llm.c or nanoGPT token files)")
     prepare(args.inputs, args.out, val_fraction=args.val_fraction, train_tokenizer=args.train_tokenizer,
             strip_gutenberg=args.strip_gutenberg, shard_tokens=args.shard_tokens, workers=args.workers,
-            force=args.force)
+            force=args.force, shard_format=formats.NATIVE if args.format in (None, "auto") else args.format)
     return 0

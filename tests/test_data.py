@@ -100,3 +100,34 @@ def test_prefetching_reads_ahead_without_moving_the_position(tiny_data):
     resumed.next_batch()  # reads ahead from position 16
     resumed.load_state_dict(ahead.state_dict())  # somewhere else: what was read ahead must not be used
     assert all(torch.equal(a, b) for pa, pb in zip(plain.next_batch(), resumed.next_batch()) for a, b in zip(pa, pb))
+
+
+def test_bits_per_byte(tmp_path, tiny_data):
+    meta = data.read_meta(tiny_data)
+    val = meta["splits"]["val"]
+    assert val["text_bytes"] > 0
+    assert data.bits_per_byte(2.0, meta) == pytest.approx(2.0 / np.log(2) * val["tokens"] / val["text_bytes"])
+    train = meta["splits"]["train"]
+    assert data.bits_per_byte(2.0, meta, "train") == pytest.approx(2.0 / np.log(2) * train["tokens"] / train["text_bytes"])
+    assert data.bits_per_byte(2.0, {"splits": {"val": {"tokens": 10, "text_bytes": 0}}}) is None
+    assert data.bits_per_byte(2.0, meta, "test") is None
+
+
+def test_data_prepared_before_formats_and_bytes_were_recorded_still_loads(tmp_path, tiny_data):
+    import json
+    import shutil
+
+    old = tmp_path / "old"
+    shutil.copytree(tiny_data, old)
+    meta = json.loads((old / "meta.json").read_text())
+    del meta["shard_format"], meta["header_bytes"]
+    for info in meta["splits"].values():
+        del info["text_bytes"]
+    (old / "meta.json").write_text(json.dumps(meta))
+    for split in ("train", "val"):
+        a, b = data.Split(tiny_data, split, 32), data.Split(str(old), split, 32)
+        assert a.num_windows == b.num_windows and torch.equal(a.windows(range(a.num_windows)), b.windows(range(b.num_windows)))
+    assert data.bits_per_byte(2.0, data.read_meta(str(old))) is None
+    assert data.fingerprint(data.read_meta(str(old))) == data.fingerprint(data.read_meta(tiny_data))
+    with pytest.raises(DataError, match="describes gpt-train token files, but data.format is llmc"):
+        data.read_meta(str(old), "llmc")

@@ -64,6 +64,8 @@ def test_bundled_corpus_decodes_back_exactly(tmp_path):
     ids = np.concatenate([read_split(tmp_path, "train"), read_split(tmp_path, "val")])
     assert len(ids) == train["tokens"] + val["tokens"]
     assert ids.tolist() == tok.encode(text) + [tok.eot]  # pieces encoded apart give the ids of the whole
+    assert meta["shard_format"] == "gpt-train" and meta["header_bytes"] == 0
+    assert train["text_bytes"] + val["text_bytes"] == len(text.encode("utf-8"))  # for bits per byte
     assert sorted(p.name for p in tmp_path.iterdir()) == ["meta.json", *train["shards"], *val["shards"]]
 
 
@@ -134,6 +136,7 @@ def test_every_200th_document_is_validation(tmp_path):
     assert meta["val_from"] == "documents"
     assert docs_of(tmp_path / "out", "val", tok) == [texts[199], texts[399]]
     assert docs_of(tmp_path / "out", "train", tok) == [t for i, t in enumerate(texts) if i not in (199, 399)]
+    assert meta["splits"]["val"]["text_bytes"] == len((texts[199] + texts[399]).encode())
 
 
 def test_jsonl_gz_json_gz_text_and_globs(tmp_path):
@@ -293,7 +296,15 @@ def test_command_line(tmp_path, capsys):
                               "--shard-tokens", "50", "--workers", "1"])
     assert P.run(args) == 0
     out = capsys.readouterr().out
-    assert "train: 271 tokens in 6 shard(s)" in out and "val: 31 tokens in 1 shard(s)" in out and "MB/s" in out
+    assert "train: 271 tokens in 6 shard(s), 1,175 bytes of text" in out and "val: 31 tokens in 1 shard(s), 125" in out
+    assert "MB/s" in out
+    meta_path = tmp_path / "out" / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    for info in meta["splits"].values():  # as prepared before meta.json recorded the bytes of text
+        del info["text_bytes"]
+    meta_path.write_text(json.dumps(meta))
+    P.run(args)
+    assert "is up to date" in (out := capsys.readouterr().out) and "records the bytes of text" in out
     with pytest.raises(DataError, match="--val-fraction"):
         P.run(parser.parse_args([str(corpus), "--out", str(tmp_path / "out"), "--val-fraction", "0"]))
     with pytest.raises(DataError, match="local directory"):
