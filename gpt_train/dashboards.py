@@ -34,6 +34,7 @@ DASHBOARD_KEYS = {
     "loss": "train/loss", "lr": "train/lr", "grad_norm": "train/grad_norm", "tokens": "train/tokens",
     "tokens_per_s": "train/tokens_per_s", "mfu": "train/mfu", "step_ms": "train/step_ms",
     "epoch": "train/epoch", "gpu_mem_gb": "train/gpu_mem_gb", "val_loss": "val/loss",
+    "val_bpb": "val/bits_per_byte",
 }
 
 

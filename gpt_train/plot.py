@@ -96,9 +96,10 @@ def plot_runs(plt, runs: list[RunRecords], labels: list[str], title: str = "", l
             if pts:
                 ax.plot(*zip(*pts), color=colour, linewidth=1.2, alpha=0.9, label=f"{label} train")
             pts = [(m[x], m["val_loss"]) for m in val if isinstance(m.get(x), (int, float))]
+            bpb = val[-1].get("val_bpb") if val else None  # comparable across tokenizers, unlike the loss
             if pts:
                 ax.plot(*zip(*pts), color=colour, linestyle="--", marker="o", markersize=3, linewidth=1,
-                        label=f"{label} val")
+                        label=f"{label} val" + (f" ({bpb:.3f} bits/byte)" if isinstance(bpb, float) else ""))
         for ax, x in ((lr_step, "step"), (lr_tok, "tokens")):
             pts = [(m[x], m["lr"]) for m in train if isinstance(m.get(x), (int, float)) and isinstance(m.get("lr"), (int, float))]
             if pts:

@@ -16,14 +16,18 @@ restart; what ended the attempt before it is its cause:
     preempted, SIGUSR2 under SLURM       time limit   (`--signal=USR2@...` before the time limit)
     preempted, any other signal          preempted    (SIGTERM from scancel/preemption, SIGUSR1, a peer rank)
     finish                               extended     (resumed after finishing, e.g. with a larger max_steps)
-    no record of how it ended            crash        (killed, out of memory, node failure, an exception)
+    hang                                 hang         (the watchdog saw no progress: RUN/diagnostics/)
+    diverged                             diverged     (a non-finite loss with nothing left to skip)
+    crash, or no record of how it ended  crash        (an exception, killed, out of memory, node failure)
+
+A start that the restart policy or the start-up check refused (bad_node, requeue, gave_up events) is not an
+attempt; the newest such refusal, when it came after the last attempt, is the run's state.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -32,6 +36,7 @@ import yaml
 
 from gpt_train import rundir
 from gpt_train.errors import StorageError, UserError
+from gpt_train.recovery import ENDS, REFUSALS, Attempt, attempts
 from gpt_train.runlog import read_identity, read_jsonl
 from gpt_train.storage import Store
 
@@ -52,20 +57,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 # -- reading a run -----------------------------------------------------------------------------------
-
-@dataclass
-class Attempt:
-    """One process lifetime of the run: from a start/resume event to whatever ended it."""
-
-    kind: str  # start | resume
-    start_time: float
-    start_step: int
-    slurm_job: str | None
-    end: str | None = None  # preempted | finish | None (no record: crashed, or still running)
-    end_cause: str | None = None  # the preemption cause (SIGTERM, SIGUSR2, deadline, peer)
-    end_time: float | None = None  # the end event's time, else the last metric's
-    last_step: int | None = None
-
 
 @dataclass
 class RunRecords:
@@ -137,28 +128,6 @@ def read_run(url: str) -> RunRecords:
     return records
 
 
-def attempts(events: list[dict], metrics: list[dict]) -> list[Attempt]:
-    out: list[Attempt] = []
-    for e in events:
-        kind = e.get("event")
-        if kind in ("start", "resume"):
-            out.append(Attempt(kind=kind, start_time=float(e.get("time", 0)), start_step=int(e.get("step", 0)),
-                               slurm_job=e.get("slurm_job")))
-        elif kind in ("preempted", "finish") and out and out[-1].end is None:
-            out[-1].end, out[-1].end_cause = kind, e.get("cause")
-            out[-1].end_time, out[-1].last_step = float(e.get("time", 0)), e.get("step")
-    # Attempts without an end record: their last metric before the next attempt started.
-    times = [(m.get("time"), m.get("step")) for m in metrics if isinstance(m.get("time"), (int, float))]
-    for i, a in enumerate(out):
-        if a.end is not None:
-            continue
-        until = out[i + 1].start_time if i + 1 < len(out) else math.inf
-        mine = [(t, s) for t, s in times if a.start_time <= t < until]
-        a.end_time = max((t for t, _ in mine), default=a.start_time)
-        a.last_step = max((s for _, s in mine if isinstance(s, int)), default=a.start_step)
-    return out
-
-
 def restart_cause(before: Attempt) -> tuple[str, str | None]:
     """(cause, detail) of the restart that followed the attempt `before`: see the module docstring."""
     if before.end == "preempted":
@@ -168,7 +137,9 @@ def restart_cause(before: Attempt) -> tuple[str, str | None]:
         return "preempted", detail
     if before.end == "finish":
         return "extended", None
-    return "crash", None
+    if before.end in ("hang", "diverged"):
+        return before.end, before.end_cause
+    return "crash", before.end_cause
 
 
 # -- the report ----------------------------------------------------------------------------------------
@@ -194,8 +165,14 @@ def summarize(info: RunRecords, now: float | None = None) -> dict:
     if step_s and max_steps and not finished:
         remaining = max(0, max_steps - step) * step_s
 
-    if last is None:
+    refusal = next((e for e in reversed(info.events) if e.get("event") in REFUSALS
+                    and float(e.get("time", 0)) >= (last.start_time if last else 0)), None)
+    if last is None and refusal is None:
         state = "not started"
+    elif refusal is not None:
+        state = {"gave_up": "stopped by the restart policy", "bad_node": "waiting to be requeued without a bad node",
+                 "requeue": "waiting to be requeued (in-job restarts spent)"}[refusal["event"]] \
+            + f": {refusal.get('cause', '')}"
     elif finished:
         state = "finished"
     elif last.end == "finish" and not final_ok:
@@ -207,6 +184,8 @@ def summarize(info: RunRecords, now: float | None = None) -> dict:
     elif last.end == "preempted":
         cause, _ = restart_cause(last)
         state = f"stopped: {cause} ({last.end_cause}) at step {last.last_step}; waiting to be requeued or resumed"
+    elif last.end is not None:
+        state = f"{ENDS[last.end]} at step {last.last_step}: {last.end_cause}"
     else:
         idle = now - (last.end_time or last.start_time)
         # Quiet for longer than this: no longer running. On an object store metrics land only at checkpoints.
@@ -238,6 +217,7 @@ def summarize(info: RunRecords, now: float | None = None) -> dict:
         "train_loss": None if not train else {"step": train[-1]["step"], "value": train[-1]["loss"]},
         "val_loss": None if not val else {"step": val[-1]["step"], "value": val[-1]["val_loss"]},
         "best_val_loss": min((m["val_loss"] for m in val), default=None),
+        "val_bits_per_byte": val[-1].get("val_bpb") if val else None,
         "tokens_per_s": train[-1].get("tokens_per_s") if train else None,
         "step_seconds": step_s,
         "mfu": train[-1].get("mfu") if train else None,
@@ -292,7 +272,8 @@ def format_report(r: dict) -> str:
     if r["train_loss"]:
         loss.append(f"train {r['train_loss']['value']:.4f} (step {r['train_loss']['step']:,})")
     if r["val_loss"]:
-        loss.append(f"val {r['val_loss']['value']:.4f} (step {r['val_loss']['step']:,}, best {r['best_val_loss']:.4f})")
+        bpb = f", {r['val_bits_per_byte']:.3f} bits/byte" if r["val_bits_per_byte"] is not None else ""
+        loss.append(f"val {r['val_loss']['value']:.4f}{bpb} (step {r['val_loss']['step']:,}, best {r['best_val_loss']:.4f})")
     lines.append("loss:       " + (", ".join(loss) or "-"))
     if r["tokens_per_s"] is not None:
         lines.append(f"speed:      {r['tokens_per_s']:,.0f} tokens/s, {r['step_seconds'] * 1000:,.0f} ms/step"

@@ -102,8 +102,8 @@ def supervise(argv: list[str], ranks: int, env: dict[str, str] | None = None, ma
             return code
         restarts += 1
         env[protocol.PREVIOUS_EXIT_VAR] = str(code)
-        what = "hung (stacks in RUN/diagnostics/)" if code == protocol.EXIT_HANG else "crashed"
-        say(f"gpt-train: the ranks {what} (exit {code}): restart {restarts}")
+        what = f"hung (exit {code}; stacks in RUN/diagnostics/)" if code == protocol.EXIT_HANG else f"crashed (exit {code})"
+        say(f"gpt-train: the ranks {what}: restart {restarts}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -100,7 +100,7 @@ def _data_meta(cfg: Config, world: distributed.World) -> dict:
         from gpt_train.prepare import ensure_bundled
 
         ensure_bundled(cfg.data.dir)
-    return data.read_meta(cfg.data.dir)
+    return data.read_meta(cfg.data.dir, cfg.data.format)
 
 
 def _exit_recorded(code: int) -> None:
@@ -123,8 +123,8 @@ def _joined(fn, timeout_s: float) -> bool:
 
 
 def count_starts(store: Store) -> int:
-    """Earlier starts of this run (the attempt number is one more)."""
-    return sum(1 for e in read_jsonl(store, rundir.EVENTS) if e.get("event") in ("start", "resume"))
+    """Earlier starts of this run, refused ones included (the attempt number is one more)."""
+    return sum(1 for e in read_jsonl(store, rundir.EVENTS) if e.get("event") in recovery.STARTS + recovery.REFUSALS)
 
 
 def git_commit() -> str:
@@ -298,8 +298,8 @@ class Trainer:
         """Data, model (weights from the checkpoint, another run's, Hugging Face's or random), optimizer."""
         cfg, world, t = self.cfg, self.world, self.cfg.train
         self.tokenizer = from_identity(self.data_meta["tokenizer"], cfg.data.dir)
-        self.train_split = data.Split(cfg.data.dir, "train", cfg.seq_len)
-        self.val_split = data.Split(cfg.data.dir, "val", cfg.seq_len)
+        self.train_split = data.Split(cfg.data.dir, "train", cfg.seq_len, cfg.data.format)
+        self.val_split = data.Split(cfg.data.dir, "val", cfg.seq_len, cfg.data.format)
         if self.val_split.num_windows < world.world_size:  # each rank evaluates its share: none would be empty
             raise DataError(f"the val split of '{cfg.data.dir}' has {self.val_split.num_windows} sequence(s) of "
                             f"{cfg.seq_len} tokens, fewer than the {world.world_size} ranks: prepare it with a larger "
@@ -543,9 +543,11 @@ class Trainer:
         loss = val_loss(self.raw_model, self.val_split, t.eval_batches, t.micro_batch, self.world.rank,
                         self.world.world_size, self.device, self.prec)
         s.best_val_loss = loss if s.best_val_loss is None else min(s.best_val_loss, loss)
-        self.say(f"step {s.step:>6}/{t.max_steps} | val loss {loss:.4f} | best {s.best_val_loss:.4f}", flush=True)
+        bpb = data.bits_per_byte(loss, self.data_meta, "val")  # comparable across tokenizers
+        self.say(f"step {s.step:>6}/{t.max_steps} | val loss {loss:.4f} | best {s.best_val_loss:.4f}"
+                 + (f" | {bpb:.3f} bits/byte" if bpb is not None else ""), flush=True)
         if self.log:
-            self.log.metric(step=s.step, val_loss=loss, tokens=s.tokens, time=time.time())
+            self.log.metric(step=s.step, val_loss=loss, val_bpb=bpb, tokens=s.tokens, time=time.time())
         return loss
 
     def _sample(self) -> None:

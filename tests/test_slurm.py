@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from gpt_train import protocol
 from helpers import REPO, TINY, cli, losses, read_metrics, tiny_data, train_args  # noqa: F401
 
 pytestmark = pytest.mark.slurm
@@ -295,4 +296,89 @@ def test_two_nodes_through_sbatch_and_submit(slurm2_cluster, tiny_data, tmp_path
     assert f"job {job} ended COMPLETED" in p.stdout, p.stdout[-3000:] + p.stderr[-2000:]
     assert "2 rank(s) on 2 node(s)" in p.stdout and "export GLOO_SOCKET_IFNAME=eth0" in (
         log.parent / f"{job}_submission.sh").read_text()
+    assert [r["step"] for r in read_metrics(run) if "loss" in r] == [1, 2, 3, 4, 5, 6]
+
+
+# -- failures: restarts inside the allocation, the restart policy, nodes left behind ------------------------------
+
+SBATCH_TWO = ["-p", "debug", "--nodes=1", "--gpus-per-node=0", "--ntasks-per-node=2", "--cpus-per-task=1", "-t", "10"]
+
+
+def starts_in(run: Path) -> list[dict]:
+    return [e for e in events(run) if e["event"] in ("start", "resume")]
+
+
+@pytest.mark.timeout(900)
+def test_sbatch_a_crashed_rank_is_restarted_in_the_allocation_and_the_run_finishes_exactly(
+        slurm_cluster, tiny_data, tmp_path, two_ranks, jobs):
+    """raise@step=5 on rank 1, once: the batch shell starts a new srun in the same allocation (no requeue), the
+    ranks resume from the checkpoint of step 5, and the losses are the uninterrupted 2-rank run's."""
+    _, reference_run = two_ranks
+    run, out = tmp_path / "run", tmp_path / "job.out"
+    env = job_env(slurm_cluster, GPT_TRAIN_FAULT="raise@step=6,rank=1,attempt=1")
+    job = sbatch(slurm_cluster, *SBATCH_TWO, "-J", "gt-crash", "-o", str(out), "slurm/pretrain.sbatch",
+                 *job_args(tiny_data, run), env=env)
+    jobs.append(job)
+    assert slurm_cluster.wait_state(job, *TERMINAL, timeout=600) == "COMPLETED", out.read_text()[-4000:]
+    text = out.read_text()
+    assert "gpt-train: the ranks crashed (exit 1): restart 1 in this allocation" in text, text[-4000:]
+    assert len(starts(text)) == 1, "restarted inside the job, not requeued"
+    kinds = [e["event"] for e in events(run)]
+    assert kinds == ["start", "crash", "resume", "finish"], kinds
+    crash = events(run)[1]
+    assert crash["step"] == 5, crash
+    assert [s["allocation"] for s in starts_in(run)] == [f"slurm:{job}:0"] * 2
+    assert losses(run) == losses(reference_run)
+
+
+@pytest.mark.timeout(900)
+def test_submit_a_killed_rank_is_restarted_and_the_same_crash_every_time_stops_the_job(
+        slurm_cluster, tiny_data, tmp_path, two_ranks, jobs):
+    _, reference_run = two_ranks
+    run = tmp_path / "once"
+    p = submit_py(slurm_cluster, tiny_data, run, tmp_path / "logs", *TWO_RANKS, "--follow", timeout=600,
+                  env=job_env(slurm_cluster, GPT_TRAIN_FAULT="kill@step=6,rank=0,attempt=1"))
+    job, log = submitted(p)
+    jobs.append(job)
+    assert f"job {job} ended COMPLETED" in p.stdout, p.stdout[-4000:]
+    assert "the ranks crashed (exit" in p.stdout and "restart 1 in this allocation" in p.stdout, p.stdout[-4000:]
+    ended = [e for e in events(run) if e["event"] == "crash"]
+    assert len(ended) == 1 and ended[0]["recorded_by"] == "the next start", ended  # rank 0 could not say
+    assert losses(run) == losses(reference_run)
+
+    run = tmp_path / "always"
+    p = submit_py(slurm_cluster, tiny_data, run, tmp_path / "logs2", *TWO_RANKS, "--follow", timeout=600,
+                  overrides=("fault.in_job_restarts=5",), env=job_env(slurm_cluster, GPT_TRAIN_FAULT="raise@step=3,rank=1"))
+    job, log = submitted(p)
+    jobs.append(job)
+    assert f"job {job} ended FAILED" in p.stdout, p.stdout[-4000:]
+    final = events(run)[-1]
+    assert final["event"] == "gave_up" and "3 attempts in a row failed at step 2" in final["cause"], final
+    (row,) = slurm_cluster.sacct(job, "JobID,State,ExitCode")
+    assert row["ExitCode"] == f"{protocol.EXIT_GAVE_UP}:0", row  # the policy's code, not a crash's
+
+
+@pytest.mark.timeout(900)
+def test_a_node_that_fails_its_start_up_check_is_left_behind_on_requeue(slurm2_cluster, tiny_data, tmp_path):
+    """On the two-node cluster a one-node job whose first start fails the preflight on the node it got (the
+    fault fires on attempt 1, wherever that runs) is requeued without that node: the second start runs on
+    the other one, and ExcNodeList names the first."""
+    run, out, report = tmp_path / "run", tmp_path / "job.out", tmp_path / "nodes"
+    env = job_env(slurm2_cluster, GPT_TRAIN_FAULT="preflight@attempt=1", GPT_TRAIN_NODE_REPORT=str(report))
+    job = sbatch(slurm2_cluster, "-p", "multi", "--nodes=1", "--ntasks-per-node=1", "--gpus-per-node=0",
+                 "--cpus-per-task=1", "-t", "10", "-o", str(out), "slurm/pretrain.sbatch",
+                 *job_args(tiny_data, run, "max_steps=6"), env=env)
+    try:
+        release(slurm2_cluster, job, timeout=240)
+        assert slurm2_cluster.wait_state(job, *TERMINAL, timeout=300) == "COMPLETED", out.read_text()[-4000:]
+    finally:
+        slurm2_cluster.run("scancel", job, check=False)
+    text = out.read_text()
+    (bad,) = [e for e in events(run) if e["event"] == "bad_node"]
+    (first,) = bad["hosts"]
+    other = {"n1": "n2", "n2": "n1"}[first]
+    assert f"without node(s) {first}:" in text, text[-4000:]
+    assert starts_in(run)[0]["hosts"] == [other], events(run)
+    info = slurm2_cluster.run("scontrol", "show", "job", job).stdout
+    assert f"ExcNodeList={first}" in info and f"NodeList={other}" in info, info
     assert [r["step"] for r in read_metrics(run) if "loss" in r] == [1, 2, 3, 4, 5, 6]
