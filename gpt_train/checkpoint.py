@@ -216,14 +216,16 @@ class Checkpoint:
         return int(self.meta["step"])
 
 
-def load(url: str, parts: tuple[str, ...] = FILE_PARTS) -> Checkpoint:
-    """Read a checkpoint folder, verifying every file against the manifest before unpickling-free loading."""
+def load(url: str, parts: tuple[str, ...] = FILE_PARTS, verify: bool = True) -> Checkpoint:
+    """Read a checkpoint folder, verifying every file against the manifest before unpickling-free loading.
+    verify=False: only the sizes are checked, for a folder another rank has just verified byte for byte."""
     store = Store(url)
     manifest = rundir.read_manifest(store)
     unlisted = [f"{p}.pt" for p in parts if f"{p}.pt" not in manifest["files"]]
     if unlisted:
         raise CheckpointError(f"'{url}/{MANIFEST}' does not list {', '.join(unlisted)}: not a complete checkpoint")
-    blobs = {p: rundir.read_verified(store, manifest, f"{p}.pt") for p in parts}
+    read = rundir.read_verified if verify else rundir.read_sized
+    blobs = {p: read(store, manifest, f"{p}.pt") for p in parts}
     meta = rundir.read_verified_meta(store, manifest)
     get = lambda part: _deserialize(blobs[part], f"'{url}/{part}.pt'", part) if part in blobs else None
     return Checkpoint(url=url, meta=meta, model=get("model"), optimizer=get("optimizer"), rng=get("rng"))
@@ -455,21 +457,22 @@ class CheckpointManager:
                 decision = (chosen and chosen.url, init_url, note, None)
             except CheckpointError as e:
                 decision = (None, None, "", str(e))
-        resume_url, init_url, note, error = collectives.broadcast_object(decision)
+        resume_url, init_url, note, error = collectives.broadcast_object(decision, storage=True)
         if error:
             raise CheckpointError(error)
-        # Each rank reads the files itself (and checks the data of its own node): a failure on any one must
-        # end every rank with the same line, not leave the others waiting in the next collective.
+        # Each rank reads the files itself; rank 0 verified every byte while choosing, so the others do not
+        # hash them again. A failure on any one must end every rank with the same line, not leave the others
+        # waiting in the next collective.
         found = init = None
         try:
-            found = chosen or (load(resume_url) if resume_url else None)
+            found = chosen or (load(resume_url, verify=False) if resume_url else None)
             if found and not chosen:
                 self._check_course(found)
             init = find(init_url, ("model",)) if init_url else None
             mine = None
         except CheckpointError as e:
             mine = f"rank {self.world.rank}: {e}" if self.world.distributed else str(e)
-        failed = [e for e in collectives.all_gather_object(mine) if e]
+        failed = [e for e in collectives.all_gather_object(mine, storage=True) if e]
         if failed:
             raise CheckpointError(failed[0])
         return found, init, note
@@ -585,14 +588,14 @@ class CheckpointManager:
         if self.world.is_main:
             found = self.writer.load_newest()
             url = found and found.url
-        url = collectives.broadcast_object(url)
+        url = collectives.broadcast_object(url, storage=True)
         if url is None:
             return None
         try:
-            found, mine = (found if self.world.is_main else load(url)), None
+            found, mine = (found if self.world.is_main else load(url, verify=False)), None
         except CheckpointError as e:
             found, mine = None, f"rank {self.world.rank}: {e}"
-        failed = [e for e in collectives.all_gather_object(mine) if e]
+        failed = [e for e in collectives.all_gather_object(mine, storage=True) if e]
         if failed:
             raise CheckpointError(failed[0])
         return found

@@ -10,6 +10,20 @@ import io
 import torch
 import torch.distributed as dist
 
+# A gloo group with distributed.storage_timeout_s, for the waits on rank 0's storage work (the lease, reading and
+# verifying the resume checkpoint, the final upload): slow storage is not a dead peer, and under the collective
+# timeout it would kill the job. Set by distributed.init; None for one process.
+_storage_group = None
+
+
+def set_storage_group(group) -> None:
+    global _storage_group
+    _storage_group = group
+
+
+def storage_group():
+    return _storage_group
+
 
 def all_reduce_mean(value: float, device: torch.device) -> float:
     if not dist.is_initialized():
@@ -32,9 +46,9 @@ def any_rank(flag: bool, device: torch.device) -> bool:
     return all_reduce_sum([float(flag)], device)[0] > 0 if dist.is_initialized() else flag
 
 
-def barrier() -> None:
+def barrier(storage: bool = False) -> None:
     if dist.is_initialized():
-        dist.barrier()
+        dist.barrier(group=_storage_group if storage else None)
 
 
 def _pack(obj) -> bytes:
@@ -49,19 +63,21 @@ def _unpack(data: bytes):
     return torch.load(io.BytesIO(data), weights_only=True)
 
 
-def all_gather_object(obj):
+def all_gather_object(obj, storage: bool = False):
+    """storage: the ranks may wait on rank 0's storage work here (the storage group's timeout)."""
     if not dist.is_initialized():
         return [obj]
     out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, _pack(obj))
+    dist.all_gather_object(out, _pack(obj), group=_storage_group if storage else None)
     return [_unpack(b) for b in out]
 
 
-def broadcast_object(obj):
+def broadcast_object(obj, storage: bool = False):
+    """storage: the ranks may wait on rank 0's storage work here (the storage group's timeout)."""
     if not dist.is_initialized():
         return obj
     box = [_pack(obj)]
-    dist.broadcast_object_list(box, src=0)
+    dist.broadcast_object_list(box, src=0, group=_storage_group if storage else None)
     return _unpack(box[0])
 
 

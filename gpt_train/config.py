@@ -34,10 +34,72 @@ class ModelConfig:
 
 
 @dataclass
+class Source:
+    """One prepared directory of a mixture and its share of the training samples (weights are relative)."""
+
+    dir: str
+    weight: float
+    name: str = ""  # what the logs call it (its val loss); "" = the directory's last component
+
+    def __post_init__(self) -> None:
+        self.name = self.name or self.dir.rstrip("/").rsplit("/", 1)[-1]
+
+
+_SOURCES_SYNTAX = "DIR:WEIGHT,DIR:WEIGHT (e.g. data/web:0.7,data/books:0.3) or a YAML list of {dir, weight[, name]}"
+
+
+def parse_sources(key: str, value: Any) -> list[Source]:
+    """data.sources from YAML (a list of mappings) or the command line (DIR:WEIGHT,...; "" = none)."""
+    def bad(what: str) -> ConfigError:
+        return ConfigError(f"config key '{key}' expects {_SOURCES_SYNTAX}; {what}")
+
+    def weight(raw: Any, where: str) -> float:
+        if isinstance(raw, bool) or not isinstance(raw, (int, float, str)):
+            raise bad(f"the weight of {where} is {raw!r}")
+        try:
+            return float(raw)
+        except ValueError:
+            raise bad(f"the weight of {where} is {raw!r}") from None
+
+    if value is None or value == "":
+        return []
+    if isinstance(value, str):
+        out = []
+        for item in value.split(","):
+            path, _, raw = item.strip().rpartition(":")
+            try:
+                out.append(Source(path, float(raw)))
+            except ValueError:
+                raise bad(f"'{item.strip()}' does not end in :WEIGHT") from None
+        return out
+    if not isinstance(value, (list, tuple)):
+        raise bad(f"got {value!r}")
+    out = []
+    for i, item in enumerate(value, start=1):
+        if isinstance(item, Source):
+            out.append(item)
+            continue
+        if not isinstance(item, dict) or set(item) - {"dir", "weight", "name"}:
+            raise bad(f"item {i} is {item!r}")
+        if not isinstance(item.get("dir"), str) or "weight" not in item:
+            raise bad(f"item {i} ({item!r}) needs a dir and a weight")
+        name = item.get("name") or ""
+        if not isinstance(name, str):
+            raise bad(f"the name of item {i} is {name!r}")
+        out.append(Source(item["dir"], weight(item["weight"], f"item {i}"), name))
+    return out
+
+
+@dataclass
 class DataConfig:
-    dir: str = "data/moby-dick"  # output of `gpt-train prepare`: shards plus meta.json (docs/data.md)
+    dir: str = "data/moby-dick"  # output of `gpt-train prepare`: shards plus meta.json (docs/data.md); or s3://, gs://
     # the token files' format: auto (meta.json, else detected), or llm.c's .bin shards, nanoGPT's train.bin/val.bin
     format: str = field(default="auto", metadata={"choices": ("auto", "gpt-train", "llmc", "nanogpt")})
+    # a weighted mixture of prepared directories, used instead of dir when not empty (docs/data.md#mixtures)
+    sources: list[Source] = field(default_factory=list, metadata={"parse": parse_sources})
+    # shards on object storage (s3://, gs://) are read in blocks kept on local disk: at most this many GB per process
+    cache_gb: float = 20.0
+    cache_dir: str = ""  # "" = $GPT_TRAIN_CACHE, else gpt-train-cache in the system's temporary directory
 
 
 @dataclass
@@ -113,6 +175,9 @@ class DistributedConfig:
     strategy: str = field(default="ddp", metadata={"choices": ("ddp", "fsdp")})
     backend: str = field(default="auto", metadata={"choices": ("auto", "nccl", "gloo")})  # auto: nccl on CUDA, gloo on CPU
     timeout_s: int = 600  # rendezvous and collective timeout: a dead peer ends the job instead of hanging it
+    # the ranks' waits on rank 0's storage work (the lease, reading and verifying the resume checkpoint, the final
+    # upload), on a gloo group of their own: slow storage is not a dead peer
+    storage_timeout_s: int = 3600
     # The settings below are applied to the environment before the process group starts. A value set here
     # wins over the environment (it is saved with the run); an unset one ("", 0, auto) leaves it alone.
     master_addr: str = ""  # "" = from the launcher: torchrun's rendezvous, MASTER_ADDR, the first SLURM host
@@ -231,6 +296,8 @@ def resolve_key(key: str) -> str:
 
 def _coerce(key: str, value: Any, f: dataclasses.Field) -> Any:
     """Convert a YAML or command-line value to the field's type, or say which key is wrong."""
+    if "parse" in f.metadata:  # a structured value: its field brings its own parser
+        return f.metadata["parse"](key, value)
     if f.metadata.get("tristate"):
         if value is None or (isinstance(value, str) and value.lower() == "auto"):
             return None
@@ -405,7 +472,7 @@ def validate(cfg: Config, world_size: int = 1) -> None:
             need(math.isfinite(value), f"config key '{key}' must be a finite number, got {value}")
     for key in ("model.n_layer", "model.n_head", "model.n_embd", "model.block_size", "train.max_steps",
                 "train.batch_tokens", "train.micro_batch", "train.eval_batches", "train.log_interval", "optim.lr",
-                "checkpoint.lease_stale_s"):
+                "checkpoint.lease_stale_s", "distributed.storage_timeout_s"):
         need(get_value(cfg, key) > 0, f"config key '{key}' must be positive")
     for key in ("model.vocab_size", "train.seq_len", "train.eval_interval", "train.sample_interval",
                 "train.sample_tokens", "schedule.warmup_steps", "schedule.decay_steps", "checkpoint.interval",
@@ -423,6 +490,8 @@ def validate(cfg: Config, world_size: int = 1) -> None:
          f"config key 'train.batch_tokens' ({t.batch_tokens}) must be a multiple of seq_len x ranks "
          f"= {cfg.seq_len} x {world_size} = {per_rank_step}, so that every rank gets whole sequences")
     need(cfg.checkpoint.keep_last >= 1, "config key 'checkpoint.keep_last' must be at least 1")
+    need(cfg.data.cache_gb > 0, "config key 'data.cache_gb' must be positive")
+    _check_sources(cfg.data.sources)
     need(bool(cfg.run_dir), "config key 'run_dir' must not be empty")
     for name in cfg.preemption.signals:
         full = name.upper() if name.upper().startswith("SIG") else "SIG" + name.upper()
@@ -431,6 +500,20 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         need(full not in ("SIGKILL", "SIGSTOP"), f"config key 'preemption.signals': '{name}' cannot be caught "
              "(the kernel acts on SIGKILL and SIGSTOP itself), so it cannot make the run checkpoint; "
              "use e.g. TERM, USR1, USR2")
+
+
+def _check_sources(sources: list[Source]) -> None:
+    names: dict[str, str] = {}
+    for i, source in enumerate(sources, start=1):
+        if not source.dir:
+            raise ConfigError(f"config key 'data.sources': source {i} has no dir")
+        if not (math.isfinite(source.weight) and source.weight > 0):
+            raise ConfigError(f"config key 'data.sources': the weight of '{source.dir}' must be a positive number, "
+                              f"got {source.weight}")
+        if source.name in names:
+            raise ConfigError(f"config key 'data.sources': two sources are named '{source.name}' ({names[source.name]}, "
+                              f"{source.dir}): give each a name (YAML: - {{dir: ..., weight: ..., name: ...}})")
+        names[source.name] = source.dir
 
 
 def warnings(cfg: Config) -> list[str]:

@@ -371,6 +371,10 @@ def init(world: World, device: torch.device, cfg) -> str | None:
             failure = e
     if failure is None:
         held.replay()
+        from gpt_train import collectives
+
+        collectives.set_storage_group(dist.new_group(
+            backend="gloo", timeout=datetime.timedelta(seconds=max(cfg.timeout_s, cfg.storage_timeout_s))))
         return backend
     log = held.keep(f"gpt-train-rendezvous-rank{world.rank}.log")
     raise UserError(f"rendezvous at {addr}:{port} failed for rank {world.rank}/{world.world_size} after "
@@ -422,12 +426,16 @@ def shutdown(clean: bool = True) -> None:
     """Leave the process group. After a clean end the ranks wait for each other first: a fast rank tearing
     the group down while a peer still talks was seen to abort the peer. After a failure nobody waits: the
     peers stuck in a collective learn of it when this process's connections close, not at the timeout."""
+    from gpt_train import collectives
+
     if not dist.is_initialized():
         return
     if clean:
-        dist.barrier()
+        collectives.barrier(storage=True)  # rank 0 may still be waiting for the final checkpoint to land
+        collectives.set_storage_group(None)
         dist.destroy_process_group()
         return
+    collectives.set_storage_group(None)
     abort = getattr(dist.distributed_c10d, "_abort_process_group", None)
     try:
         abort() if abort else dist.destroy_process_group()

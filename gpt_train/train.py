@@ -122,6 +122,19 @@ def _joined(fn, timeout_s: float) -> bool:
     return not t.is_alive()
 
 
+def launcher_fields(env: dict[str, str] | None = None) -> dict:
+    """What the start event says of whoever launched this attempt, for `gpt-train runs`, `logs` and `cancel`:
+    where its output goes, and how to stop it (the SLURM job, the local supervisor, the container)."""
+    env = os.environ if env is None else env
+    container = env.get("GPT_TRAIN_CONTAINER") or None
+    launcher = "slurm" if env.get("SLURM_JOB_ID") else "docker" if container else \
+        "local" if env.get(protocol.LAUNCH_VAR) else None
+    pid = env.get("GPT_TRAIN_SUPERVISOR_PID", "")
+    return {"launcher": launcher, "log": env.get("GPT_TRAIN_LOG") or None, "container": container,
+            "supervisor_pid": int(pid) if pid.isdigit() else None,
+            "code_commit": env.get("GPT_TRAIN_CODE_COMMIT") or None}
+
+
 def count_starts(store: Store) -> int:
     """Earlier starts of this run, refused ones included (the attempt number is one more)."""
     return sum(1 for e in read_jsonl(store, rundir.EVENTS) if e.get("event") in recovery.STARTS + recovery.REFUSALS)
@@ -226,7 +239,7 @@ class Trainer:
             if verdict:
                 self._append_event({"event": verdict[0], "cause": verdict[1], "attempt": self.attempt,
                                     "slurm_job": os.environ.get("SLURM_JOB_ID")})
-        return collectives.broadcast_object(verdict)
+        return collectives.broadcast_object(verdict, storage=True)
 
     def _preflight(self) -> dict:
         """The start-up check of every node (gpt_train/preflight.py); a node that fails it ends this start with
@@ -256,14 +269,14 @@ class Trainer:
         if self.world.is_main:
             try:
                 self.store.check_writable()
-                # The other ranks wait for the outcome in a collective: the wait must end before its timeout.
+                # The other ranks wait for the outcome on the storage group: the wait must end before its timeout.
                 lease = Lease(self.store, self.cfg.checkpoint.lease_stale_s,
-                              wait_s=max(0.0, self.cfg.distributed.timeout_s - 60.0),
+                              wait_s=max(0.0, self.cfg.distributed.storage_timeout_s - 60.0),
                               settle_s=0.25 if self.store.local else 1.0, log=self.say)
                 note = lease.acquire()
             except UserError as e:
                 error = e
-        note, message = collectives.broadcast_object((note, str(error) if error else None))
+        note, message = collectives.broadcast_object((note, str(error) if error else None), storage=True)
         if error:
             raise error
         if message:
@@ -577,7 +590,7 @@ class Trainer:
                        world_size=self.world.world_size, attempt=self.attempt, lease=self.lease_note,
                        slurm_job=os.environ.get("SLURM_JOB_ID"), restart=int(os.environ.get("SLURM_RESTART_COUNT", 0)),
                        allocation=recovery.allocation(), hosts=sorted(set(self.hosts)), preflight=self.preflight,
-                       git_commit=self.ckpt.about.get("git_commit"))
+                       git_commit=self.ckpt.about.get("git_commit"), **launcher_fields())
         if self.ckpt.rollback:
             self.log.event("rollback", step=self.state.step, **self.ckpt.rollback)
         if self.ckpt.course_changes:

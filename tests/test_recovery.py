@@ -166,6 +166,8 @@ def test_a_hung_rank_is_dumped_restarted_and_the_run_finishes_exactly(tmp_path, 
     assert "all_reduce" in (dumps / "rank-0.txt").read_text() or "backward" in (dumps / "rank-0.txt").read_text()
     assert losses(run) == two_rank_reference
     assert time.monotonic() - began < 600
+    status = json.loads(cli("status", str(run), "--json").stdout)
+    assert status["finished"] and [r["cause"] for r in status["restarts"]] == ["hang"], status["restarts"]
 
 
 @pytest.mark.timeout(900)
@@ -186,7 +188,12 @@ def test_a_crashed_rank_is_restarted_and_the_same_crash_every_time_stops_the_job
     assert "restart policy: 3 attempts in a row failed at step 4" in out, out[-4000:]
     final = events(run)[-1]
     assert final["event"] == "gave_up" and "fault.max_restarts_without_progress=2" in final["cause"]
-    assert "the ranks crashed (exit 1): restart 3" not in out  # two restarts, then the verdict
+    # The first attempt got from step 0 to the checkpoint of step 4; the three after it failed from there: the
+    # fourth restart is refused.
+    assert "the ranks crashed (exit 1): restart 4" in out and "restart 5" not in out
+    status = cli("status", str(run))
+    assert "state:      stopped by the restart policy: 3 attempts in a row failed at step 4" in status.stdout, \
+        status.stdout
 
 
 @pytest.mark.timeout(600)
