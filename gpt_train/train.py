@@ -662,13 +662,20 @@ class Trainer:
             self.lease.release()
 
     def _stop(self, reason: str, landed: bool | None = None) -> int:
+        self._quiet()
         if self.log:
             landed = self.ckpt.wait() if landed is None else landed
             self.log.event("preempted", step=self.state.step, cause=reason, checkpoint_landed=landed)
             self.log.close()
         return protocol.EXIT_REQUEUE
 
+    def _quiet(self) -> None:
+        """No more steps: the wait for the last upload, however long, is not a hang."""
+        if self.watchdog:
+            self.watchdog.stop()
+
     def _finish(self, val: float | None) -> int:
+        self._quiet()
         if not self.log:
             return protocol.EXIT_OK
         landed = self.ckpt.wait()
