@@ -456,6 +456,8 @@ class Trainer:
         # The norm is measured without clipping too: a non-finite one means this step must not be applied.
         grad_norm = torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(),
                                                    cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf)
+        if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor; the same plain number on every rank
+            grad_norm = grad_norm.full_tensor()
         skipped = self._bad_step(loss_sum, grad_norm)
         if not skipped:
             self.scaler.step(self.optimizer)

@@ -309,24 +309,29 @@ def starts_in(run: Path) -> list[dict]:
 
 
 @pytest.mark.timeout(900)
-def test_sbatch_a_crashed_rank_is_restarted_in_the_allocation_and_the_run_finishes_exactly(
-        slurm_cluster, tiny_data, tmp_path, two_ranks, jobs):
-    """raise@step=5 on rank 1, once: the batch shell starts a new srun in the same allocation (no requeue), the
-    ranks resume from the checkpoint of step 5, and the losses are the uninterrupted 2-rank run's."""
+@pytest.mark.parametrize("fault", ["raise", "hang"])
+def test_sbatch_a_crashed_or_hung_rank_is_restarted_in_the_allocation_and_the_run_finishes_exactly(
+        slurm_cluster, tiny_data, tmp_path, two_ranks, jobs, fault):
+    """raise or hang at step 6 on rank 1, once: the batch shell starts a new srun in the same allocation (no
+    requeue), the ranks resume from the checkpoint of step 5, and the losses are the uninterrupted 2-rank run's.
+    A hang is seen by the watchdog (fault.hang_timeout_s=5): both ranks leave their stacks."""
     _, reference_run = two_ranks
     run, out = tmp_path / "run", tmp_path / "job.out"
-    env = job_env(slurm_cluster, GPT_TRAIN_FAULT="raise@step=6,rank=1,attempt=1")
-    job = sbatch(slurm_cluster, *SBATCH_TWO, "-J", "gt-crash", "-o", str(out), "slurm/pretrain.sbatch",
-                 *job_args(tiny_data, run), env=env)
+    env = job_env(slurm_cluster, GPT_TRAIN_FAULT=f"{fault}@step=6,rank=1,attempt=1")
+    job = sbatch(slurm_cluster, *SBATCH_TWO, "-J", f"gt-{fault}", "-o", str(out), "slurm/pretrain.sbatch",
+                 *job_args(tiny_data, run, "fault.hang_timeout_s=5"), env=env)
     jobs.append(job)
     assert slurm_cluster.wait_state(job, *TERMINAL, timeout=600) == "COMPLETED", out.read_text()[-4000:]
     text = out.read_text()
-    assert "gpt-train: the ranks crashed (exit 1): restart 1 in this allocation" in text, text[-4000:]
+    said = {"raise": "the ranks crashed (exit 1)", "hang": "the ranks hung (exit 76; stacks in RUN/diagnostics/)"}
+    assert f"gpt-train: {said[fault]}: restart 1 in this allocation" in text, text[-4000:]
     assert len(starts(text)) == 1, "restarted inside the job, not requeued"
     kinds = [e["event"] for e in events(run)]
-    assert kinds == ["start", "crash", "resume", "finish"], kinds
-    crash = events(run)[1]
-    assert crash["step"] == 5, crash
+    assert kinds == ["start", {"raise": "crash", "hang": "hang"}[fault], "resume", "finish"], kinds
+    assert events(run)[1]["step"] == 5, events(run)[1]
+    if fault == "hang":
+        dumps = sorted(p.name for p in (run / "diagnostics" / "attempt-1").glob("rank-*.txt"))
+        assert dumps == ["rank-0.txt", "rank-1.txt"] and events(run)[1]["suspects"] == [1], events(run)[1]
     assert [s["allocation"] for s in starts_in(run)] == [f"slurm:{job}:0"] * 2
     assert losses(run) == losses(reference_run)
 
