@@ -409,8 +409,10 @@ def test_kill_9_then_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path, t
     b = load(f"{run}/checkpoints/step-00000012")
     assert a.model.keys() == b.model.keys()
     assert all(torch.equal(a.model[k], b.model[k]) for k in a.model)
-    events = [json.loads(x)["event"] for x in Path(run, "events.jsonl").read_text().splitlines()]
-    assert events == ["start", "resume", "finish"]
+    events = [json.loads(x) for x in Path(run, "events.jsonl").read_text().splitlines()]
+    assert [e["event"] for e in events] == ["start", "crash", "resume", "finish"]
+    # the killed attempt could not say how it ended: the next start did, from what it last logged
+    assert events[1]["recorded_by"] == "the next start" and events[1]["step"] == done_before_kill
 
     # the same run exported and sampled, from the run directory (its latest checkpoint)
     out = tmp_path / "model.safetensors"
