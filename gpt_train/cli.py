@@ -22,6 +22,9 @@ COMMANDS = {
     "export": ("gpt_train.export", "write a checkpoint's weights as safetensors"),
     "env": ("gpt_train.env", "what a run would see: versions, devices, launcher world, NCCL settings, run_dir"),
     "status": ("gpt_train.status", "where a run stands: step, losses, speed, restarts and their causes"),
+    "runs": ("gpt_train.runs", "many runs at a glance: state, SLURM job, step, losses, speed, ETA, restarts"),
+    "logs": ("gpt_train.logs", "the logs of every attempt of a run as one stream, with why each one ended"),
+    "cancel": ("gpt_train.cancel", "stop a run cleanly (a checkpoint, no requeue) through whatever runs it"),
     "plot": ("gpt_train.plot", "plot loss and lr of one or more runs against step and tokens"),
     "eval": ("gpt_train.evaluate", "evaluate a checkpoint: HellaSwag accuracy or loss on a prepared split"),
 }

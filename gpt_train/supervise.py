@@ -88,6 +88,7 @@ def supervise(argv: list[str], ranks: int, env: dict[str, str] | None = None, ma
     job's exit code. codes_from_ranks=False: argv's own code is the job's (a container that supervises itself)."""
     env = dict(os.environ if env is None else env)
     env.setdefault(protocol.LAUNCH_VAR, uuid.uuid4().hex[:12])
+    env.setdefault("GPT_TRAIN_SUPERVISOR_PID", str(os.getpid()))  # `gpt-train cancel` stops the run through us
     env.pop(protocol.PREVIOUS_EXIT_VAR, None)
     restarts = 0
     while True:

@@ -132,6 +132,7 @@ def launcher_fields(env: dict[str, str] | None = None) -> dict:
     pid = env.get("GPT_TRAIN_SUPERVISOR_PID", "")
     return {"launcher": launcher, "log": env.get("GPT_TRAIN_LOG") or None, "container": container,
             "supervisor_pid": int(pid) if pid.isdigit() else None,
+            "supervisor_host": node_name() if pid.isdigit() else None,  # the supervisor runs on rank 0's node
             "code_commit": env.get("GPT_TRAIN_CODE_COMMIT") or None}
 
 
@@ -238,7 +239,7 @@ class Trainer:
                                      f.max_restarts_without_progress)
             if verdict:
                 self._append_event({"event": verdict[0], "cause": verdict[1], "attempt": self.attempt,
-                                    "slurm_job": os.environ.get("SLURM_JOB_ID")})
+                                    "slurm_job": os.environ.get("SLURM_JOB_ID"), "allocation": recovery.allocation()})
         return collectives.broadcast_object(verdict, storage=True)
 
     def _preflight(self) -> dict:
@@ -252,7 +253,7 @@ class Trainer:
         if bad and self.world.is_main:
             self._append_event({"event": "bad_node", "attempt": self.attempt, "hosts": bad, "preflight": summary,
                                 "cause": "; ".join(f"{h}: {why}" for h, why in bad.items()),
-                                "slurm_job": os.environ.get("SLURM_JOB_ID")})
+                                "slurm_job": os.environ.get("SLURM_JOB_ID"), "allocation": recovery.allocation()})
         preflight.enforce(checks, self.say)
         return summary
 
