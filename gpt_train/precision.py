@@ -167,11 +167,42 @@ def measured_peak(dtype: torch.dtype, n: int = 2048, seconds: float = 0.5, devic
 
 def peak_flops(device: torch.device, precision: str) -> float | None:
     """The FLOP/s that MFU divides by: the datasheet's dense peak for this GPU and precision (fp32 with TF32
-    matmuls allowed: the TF32 peak), else the fastest matmul measured here."""
+    matmuls allowed: the TF32 peak), else the fastest matmul measured here (once per machine: see remembered)."""
     if device.type == "cuda":
-        peaks = GPU_PEAKS.get(torch.cuda.get_device_name(device), {})
+        name = torch.cuda.get_device_name(device)
+        peaks = GPU_PEAKS.get(name, {})
         form = "tf32" if precision == "fp32" and torch.backends.cuda.matmul.allow_tf32 and "tf32" in peaks else precision
-        return peaks.get(form) or measured_peak(DTYPES[precision], device=str(device))
+        return peaks.get(form) or remembered(f"{name}|{precision}",
+                                             lambda: measured_peak(DTYPES[precision], device=str(device)))
     if device.type == "cpu":
-        return measured_peak(DTYPES[precision])
+        return remembered(f"cpu {os.cpu_count()} {torch.get_num_threads()} threads|{precision}",
+                          lambda: measured_peak(DTYPES[precision]))
     return None
+
+
+def remembered(what: str, measure) -> float:
+    """A measured peak, kept per host (and torch version) in the user's cache: measuring takes a second or more,
+    and a restart after a preemption should not pay it again. An unwritable cache only means measuring each time."""
+    import json
+    import socket
+    from pathlib import Path
+
+    path = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "gpt-train" / "peak_flops.json"
+    key = f"{socket.gethostname()}|torch {torch.__version__}|{what}"
+    try:
+        known = json.loads(path.read_text())
+    except (OSError, ValueError):
+        known = {}
+    if not isinstance(known, dict):
+        known = {}
+    if isinstance(known.get(key), (int, float)):
+        return float(known[key])
+    value = measure()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({**known, key: value}))
+        os.replace(tmp, path)
+    except OSError:
+        pass
+    return value

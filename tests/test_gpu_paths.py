@@ -300,8 +300,9 @@ def test_a_gpu_is_measured_against_its_own_datasheet_peak(monkeypatch, allow_tf3
         assert precision.peak_flops(CUDA0, prec) == pytest.approx(tflops * 1e12), (name, prec, tf32)
 
 
-def test_a_gpu_without_a_datasheet_number_measures_its_peak_with_a_matmul(monkeypatch, allow_tf32):
+def test_a_gpu_without_a_datasheet_number_measures_its_peak_with_a_matmul_once(monkeypatch, allow_tf32, tmp_path):
     calls = []
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     monkeypatch.setattr(precision, "measured_peak", lambda dtype, **k: calls.append((dtype, k)) or 42e12)
     allow_tf32(True)  # MI300X fp32: measured even so
     for name, prec in [("NVIDIA Future GPU", "bf16"), ("NVIDIA A10G", "bf16"), ("Tesla T4", "bf16"),
@@ -309,6 +310,8 @@ def test_a_gpu_without_a_datasheet_number_measures_its_peak_with_a_matmul(monkey
         monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None, n=name: n)
         assert precision.peak_flops(CUDA0, prec) == 42e12, name
     assert calls[0] == (torch.bfloat16, {"device": "cuda:0"}) and calls[3][0] == torch.float32
+    assert precision.peak_flops(CUDA0, "bf16") == 42e12 and len(calls) == 5, "remembered, not measured again"
+    assert "NVIDIA GH200 480GB|bf16" in (tmp_path / "gpt-train" / "peak_flops.json").read_text()
     assert precision.GPU_PEAKS["Tesla T4"]["fp16"] == 65e12  # a T4 runs fp16 (auto), which it has a number for
     monkeypatch.undo()
     assert precision.measured_peak(torch.float32, 64, 0.01, device="cpu") > 0  # the path a GPU shares with a CPU
