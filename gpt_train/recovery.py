@@ -46,15 +46,15 @@ class Attempt:
     """One process lifetime of the run: from a start/resume event to whatever ended it."""
 
     kind: str  # start | resume
-    number: int
     start_time: float
     start_step: int
     slurm_job: str | None
-    allocation: str | None  # the SLURM job and restart count, or the local launch: in-job restarts share it
     end: str | None = None  # a key of ENDS, or None (still running, or died with no record yet)
     end_cause: str | None = None
     end_time: float | None = None  # the end event's time, else the last metric's
     last_step: int | None = None
+    number: int = 0  # the attempt: the run's Nth start
+    allocation: str | None = None  # the SLURM job and restart count, or the local launch: in-job restarts share it
     hosts: list[str] | None = None
 
 
