@@ -151,7 +151,8 @@ def test_entrypoint_starts_the_ranks_cuda_can_use_and_stops_on_gpus_it_cannot(ma
     # asking for the CPU is the way out: one plain process, no GPU counted
     cpu = entrypoint(tmp_path, "gpt2", "train.device=cpu")
     assert cpu.returncode == 0, cpu.stderr
-    assert shlex.split(cpu.stdout) == [sys.executable, "-m", "gpt_train", "train", "gpt2", "train.device=cpu"]
+    assert shlex.split(cpu.stdout) == [sys.executable, "-m", "gpt_train.supervise", "--ranks", "1", "--",
+                                       sys.executable, "-m", "gpt_train", "train", "gpt2", "train.device=cpu"]
     assert "train.device=cpu: training in one process on CPU" in cpu.stderr
 
 
