@@ -52,12 +52,13 @@ def restartable(code: int) -> bool:
 
 
 def record_exit(code: int, rank: int | str | None = None, env: dict[str, str] | None = None) -> None:
-    """Write this rank's exit code into EXIT_DIR_VAR's folder, if the launcher set one."""
+    """Write this rank's exit code into EXIT_DIR_VAR's folder, if the launcher set one: as rank-LOCAL_RANK,
+    since each node's launcher reads its own ranks (0 .. ranks per node - 1)."""
     env = os.environ if env is None else env
     folder = env.get(EXIT_DIR_VAR)
     if not folder:
         return
-    rank = env.get("RANK", "0") if rank is None else rank
+    rank = env.get("LOCAL_RANK", env.get("RANK", "0")) if rank is None else rank
     try:
         with open(os.path.join(folder, f"rank-{rank}"), "w") as f:
             f.write(f"{int(code)}\n")
@@ -66,7 +67,7 @@ def record_exit(code: int, rank: int | str | None = None, env: dict[str, str] | 
 
 
 def outcome(launcher_rc: int, folder: str | None, ranks: int) -> int:
-    """The job's exit code from the ranks' recorded codes: a rank with no record (killed) or a crash makes it a
+    """The node's exit code from its ranks' recorded codes: a rank with no record (killed) or a crash makes it a
     crash (the launcher's code, or 1), unless a code that must not be retried, a bad node or a hang came."""
     if folder is None:  # the ranks' codes were resolved where they ran (a container's own supervisor)
         return launcher_rc

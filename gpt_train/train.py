@@ -122,6 +122,12 @@ def _joined(fn, timeout_s: float) -> bool:
     return not t.is_alive()
 
 
+def slurm_job() -> str | None:
+    """The id that names this job alone: an array task's SLURM_JOB_ID can be the whole array's, which scancel and
+    scontrol read so (the launcher exports ARRAYID_TASKID)."""
+    return os.environ.get("GPT_TRAIN_SLURM_JOB") or os.environ.get("SLURM_JOB_ID")
+
+
 def launcher_fields(env: dict[str, str] | None = None) -> dict:
     """What the start event says of whoever launched this attempt, for `gpt-train runs`, `logs` and `cancel`:
     where its output goes, and how to stop it (the SLURM job, the local supervisor, the container)."""
@@ -133,7 +139,7 @@ def launcher_fields(env: dict[str, str] | None = None) -> dict:
     return {"launcher": launcher, "log": env.get("GPT_TRAIN_LOG") or None, "container": container,
             "supervisor_pid": int(pid) if pid.isdigit() else None,
             "supervisor_host": node_name() if pid.isdigit() else None,  # the supervisor runs on rank 0's node
-            "code_commit": env.get("GPT_TRAIN_CODE_COMMIT") or None}
+            "code_commit": env.get("GPT_TRAIN_CODE_COMMIT") or None, "code_dir": env.get("GPT_TRAIN_CODE_DIR") or None}
 
 
 def count_starts(store: Store) -> int:
@@ -239,7 +245,7 @@ class Trainer:
                                      f.max_restarts_without_progress)
             if verdict:
                 self._append_event({"event": verdict[0], "cause": verdict[1], "attempt": self.attempt,
-                                    "slurm_job": os.environ.get("SLURM_JOB_ID"), "allocation": recovery.allocation()})
+                                    "slurm_job": slurm_job(), "allocation": recovery.allocation()})
         return collectives.broadcast_object(verdict, storage=True)
 
     def _preflight(self) -> dict:
@@ -253,7 +259,7 @@ class Trainer:
         if bad and self.world.is_main:
             self._append_event({"event": "bad_node", "attempt": self.attempt, "hosts": bad, "preflight": summary,
                                 "cause": "; ".join(f"{h}: {why}" for h, why in bad.items()),
-                                "slurm_job": os.environ.get("SLURM_JOB_ID"), "allocation": recovery.allocation()})
+                                "slurm_job": slurm_job(), "allocation": recovery.allocation()})
         preflight.enforce(checks, self.say)
         return summary
 
@@ -591,7 +597,7 @@ class Trainer:
         self.log = RunLog(self.store, resume_step=self.state.step, config=self.cfg)
         self.log.event("resume" if self.state.step else "start", step=self.state.step,
                        world_size=self.world.world_size, attempt=self.attempt, lease=self.lease_note,
-                       slurm_job=os.environ.get("SLURM_JOB_ID"), restart=int(os.environ.get("SLURM_RESTART_COUNT", 0)),
+                       slurm_job=slurm_job(), restart=int(os.environ.get("SLURM_RESTART_COUNT", 0)),
                        allocation=recovery.allocation(), hosts=sorted(set(self.hosts)), preflight=self.preflight,
                        git_commit=self.ckpt.about.get("git_commit"), **launcher_fields())
         if self.ckpt.rollback:

@@ -16,6 +16,13 @@ Who does what when the job must stop (measured on SLURM 22.05, see docs/launchin
   resubmits the same callable: the state is in the run directory. submitit's `max_num_timeout` is set to
   --max-restarts as well.
 * A requeue after the run finished runs `train()` again, which sees step >= max_steps and returns 0 at once.
+
+A sweep is one job array (`Resources.array` tasks, one pickled `Trainer` each, one batch script for all). In an
+array task SLURM_JOB_ID is the task's own id, but one task gets the array's id itself, which scontrol and
+squeue read as the whole array: `scontrol requeue` from that task would requeue every task. So the batch
+script of an array names its task as ARRAYID_TASKID (GPT_TRAIN_SLURM_JOB) wherever the protocol's functions
+pass SLURM_JOB_ID to scontrol or squeue (measured on SLURM 22.05: the last task gets the array's id).
+MASTER_PORT and the node report stay per task: they use the task's own SLURM_JOB_ID.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ import shlex
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,7 +40,10 @@ import submitit
 from submitit.helpers import Checkpointable
 
 from gpt_train import protocol
+from gpt_train.errors import UserError
+from launch import snapshot
 from launch import spec as specs
+from launch.snapshot import Snapshot
 from launch.spec import JobSpec, job_python
 
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE",
@@ -58,6 +69,10 @@ class Resources:
     container_mounts: str = ""
     apptainer: str = ""
     container_python: str = "python3"
+    array: int = 0  # a job array of this many tasks (a sweep); 0: one job
+    max_parallel: int = 0  # an array's tasks running at once (0: all)
+    dependency: str = ""  # sbatch --dependency (--after)
+    code: Snapshot | None = None  # the code the ranks import (launch/snapshot.py)
 
 
 # -- resources -----------------------------------------------------------------------------------------------
@@ -120,8 +135,13 @@ def executor_parameters(spec: JobSpec, res: Resources) -> dict:
         "wckey": None,  # submitit's default "submitit" is rejected where wckeys are enforced
         "setup": setup_lines(spec, res),
         "teardown": teardown_lines(res),
-        "additional_parameters": {"requeue": True, "chdir": os.getcwd(), **extra},
+        "additional_parameters": {"requeue": True, "chdir": os.getcwd(),
+                                  **({"kill-on-invalid-dep": "yes"} if res.dependency else {}), **extra},
     }
+    if res.array:
+        params["array_parallelism"] = res.max_parallel or res.array
+    if res.dependency:
+        params["dependency"] = res.dependency
     if res.gpus and not ({"gres", "gpus-per-node", "gpus_per_node", "gpus"} & set(extra)):
         params["gpus_per_node"] = spec.ranks_per_node
     for key in ("partition", "account", "qos", "constraint", "mem"):
@@ -139,9 +159,11 @@ def executor_parameters(spec: JobSpec, res: Resources) -> dict:
 def srun_words(spec: JobSpec, res: Resources) -> list[str]:
     """srun as submitit would run it (each task's output in FOLDER/JOBID_RANK_log.out), and our options."""
     paths = submitit.core.utils.JobPaths(folder(spec, res))
+    # An array task's files are ARRAYID_TASKID_..., as submitit reads them; srun's %j would be the task's own id.
+    out, err = (str(p).replace("%j", "%A_%a") if res.array else str(p) for p in (paths.stdout, paths.stderr))
     # Not --kill-on-bad-exit: the ranks exit 75 a moment apart, and srun would kill the later ones, turning the
     # step's 75 into 143. --wait: once one rank has ended, the others get 60 s, then srun kills them.
-    words = ["srun", "--unbuffered", "--output", str(paths.stdout), "--error", str(paths.stderr), "--wait=60"]
+    words = ["srun", "--unbuffered", "--output", out, "--error", err, "--wait=60"]
     if res.container_image:
         words += [f"--container-image={res.container_image}", f"--container-mounts={mounts(spec, res)}",
                   f"--container-workdir={os.getcwd()}"]
@@ -171,7 +193,7 @@ def mounts(spec: JobSpec, res: Resources) -> str:
 
 
 def log_dir(spec: JobSpec, res: Resources) -> str:
-    return os.path.abspath(res.log_dir or os.path.join("logs", spec.job_name))
+    return specs.log_dir(spec, res.log_dir)
 
 
 def cache_dir(spec: JobSpec, res: Resources) -> str:
@@ -193,14 +215,52 @@ def python_command(spec: JobSpec, res: Resources) -> str:
 
 # -- the job script around srun --------------------------------------------------------------------------------
 
+# See the module's docstring: an array task's scontrol and squeue calls name the task, not the array.
+_ARRAY_TASK_CALLS = r"""# gpt-train (launch/slurm.py): in a job array one task's SLURM_JOB_ID is the array's own id, which
+# scontrol and squeue read as every task: the protocol's calls name this task instead (ARRAYID_TASKID)
+gpt_train_as_task() {
+  local tool=$1 w words=()
+  shift
+  for w in "$@"; do
+    case $w in
+      "$SLURM_JOB_ID") words+=("$GPT_TRAIN_SLURM_JOB") ;;
+      "JobId=$SLURM_JOB_ID") words+=("JobId=$GPT_TRAIN_SLURM_JOB") ;;
+      *) words+=("$w") ;;
+    esac
+  done
+  command "$tool" "${words[@]}"
+}
+scontrol() { gpt_train_as_task scontrol "$@"; }
+squeue() { gpt_train_as_task squeue "$@"; }"""
+
+
+def _shell_path(template: str, id_word: str) -> str:
+    """A path with %j as one bash word, %j being the value of ID_WORD (a "$VAR" expansion)."""
+    return id_word.join(shlex.quote(part) if part else "" for part in template.split("%j"))
+
+
 def setup_lines(spec: JobSpec, res: Resources) -> list[str]:
-    """Batch-shell lines before srun: the protocol's functions, the rendezvous, the NCCL settings."""
+    """Batch-shell lines before srun: the protocol's functions, the job's own id and log, the code to import,
+    the rendezvous, the NCCL settings."""
+    log = str(submitit.core.utils.JobPaths(folder(spec, res)).stdout).replace("%t", "0")
     lines = [
         "# gpt-train (launch/slurm.py): the job protocol's functions (gpt_train/protocol.py)",
         *protocol.shell_text().splitlines(),
+    ]
+    if res.array:
+        lines += [*_ARRAY_TASK_CALLS.splitlines(),
+                  'export GPT_TRAIN_SLURM_JOB="${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}"']
+    else:
+        lines.append('export GPT_TRAIN_SLURM_JOB="$SLURM_JOB_ID"')
+    lines += [
+        "# rank 0's output, every attempt's (submitit's JOBID_0_log.out; an array task's JOBID is ARRAYID_TASKID)",
+        "export GPT_TRAIN_LOG=" + _shell_path(log, '"$GPT_TRAIN_SLURM_JOB"'),
+        *(snapshot.shell_lines(res.code) if res.code else []),
         "gpt_train_traps",
         "gpt_train_rendezvous",
     ]
+    if res.code:
+        lines.append(f'echo "gpt-train: code ${snapshot.COMMIT_VAR} from ${snapshot.DIR_VAR}; log $GPT_TRAIN_LOG"')
     if (res.apptainer or res.container_image) and f"{cache_dir(spec, res)}:{CACHE}" in mounts(spec, res).split(","):
         lines.append(f"mkdir -p {shlex.quote(cache_dir(spec, res))}  # bound onto the image's {CACHE}, writable")
     return lines + [f"export {k}={shlex.quote(v)}" for k, v in spec.env.items()]
@@ -244,8 +304,12 @@ class Trainer(Checkpointable):
         os.environ.update(self.env)
         world = self.world_env()
         os.environ.update(world)  # overwrite: a submission from inside another job must not leak its ranks
+        code = os.environ.get(snapshot.DIR_VAR)
+        if code and world["RANK"] == "0" and not Path(__file__).resolve().is_relative_to(Path(code).resolve()):
+            print(f"gpt-train: warning: this job runs {Path(__file__).resolve().parent.parent}, not the code "
+                  f"submitted ({code}): its python puts the working directory first (PYTHONSAFEPATH needs "
+                  "Python 3.11)", file=sys.stderr, flush=True)
         from gpt_train.config import load_config
-        from gpt_train.errors import UserError
         from gpt_train.train import train
 
         try:
@@ -274,7 +338,8 @@ def script_text(spec: JobSpec, res: Resources) -> str:
     from submitit.slurm.slurm import _make_sbatch_string
 
     command = " ".join([launch_command(spec, res), "-u -m submitit.core._submit", shlex.quote(folder(spec, res))])
-    return _make_sbatch_string(command=command, folder=folder(spec, res), **executor_parameters(spec, res))
+    return _make_sbatch_string(command=command, folder=folder(spec, res), map_count=res.array or None,
+                               **executor_parameters(spec, res))
 
 
 def make_executor(spec: JobSpec, res: Resources) -> submitit.SlurmExecutor:
@@ -286,6 +351,65 @@ def make_executor(spec: JobSpec, res: Resources) -> submitit.SlurmExecutor:
 
 def submit(spec: JobSpec, res: Resources) -> submitit.Job:
     return make_executor(spec, res).submit(Trainer(spec.config, spec.overrides, spec.env))
+
+
+def submit_array(elements: list[JobSpec], res: Resources) -> list[submitit.Job]:
+    """One job array, task i running ELEMENTS[i] (res.array == len(ELEMENTS)): submitit pickles one Trainer per
+    task, and the batch script, made from the first element, is the same for all (they differ in overrides)."""
+    assert res.array == len(elements) > 1
+    return make_executor(elements[0], res).submit_array([Trainer(s.config, s.overrides, s.env) for s in elements])
+
+
+# -- the follow-up job (--then) ------------------------------------------------------------------------------
+
+def then_path(spec: JobSpec, res: Resources, job_id: str) -> str:
+    return os.path.join(log_dir(spec, res), f"then-{job_id}.sh")
+
+
+def then_script(commands: list[str], job_id: str, spec: JobSpec, res: Resources) -> str:
+    """The follow-up's sbatch script (launch/chain.py): one task, on the training job's partition, account and
+    qos (one GPU if it had GPUs), after job JOB_ID succeeded; for a sweep an array, task i running COMMANDS[i]
+    after training task i. It imports the submitted code too, and finds `gpt-train` next to the job's python."""
+    array = len(commands) > 1
+    flags: dict[str, object] = {
+        "job-name": f"{spec.job_name}-then", "dependency": f"{'aftercorr' if array else 'afterok'}:{job_id}",
+        "kill-on-invalid-dep": "yes", "nodes": 1, "ntasks": 1, "time": res.time_min, "open-mode": "append",
+        "output": os.path.join(log_dir(spec, res), "then-%A_%a.out" if array else "then-%j.out"),
+        "chdir": os.getcwd(),
+    }
+    if array:
+        flags["array"] = f"0-{len(commands) - 1}%{res.max_parallel or len(commands)}"
+    for key in ("partition", "account", "qos"):
+        if getattr(res, key):
+            flags[key] = getattr(res, key)
+    if res.gpus:
+        flags["gpus-per-node"] = 1
+    if res.cpus_per_task:
+        flags["cpus-per-task"] = res.cpus_per_task
+    lines = ["#!/bin/bash", f"# gpt-train-submit --then: after job {job_id} (launch/chain.py)",
+             *(f"#SBATCH --{k}={shlex.quote(str(v))}" for k, v in flags.items()), ""]
+    lines += snapshot.shell_lines(res.code) if res.code else []
+    bindir = os.path.dirname(job_python())
+    if bindir:
+        lines.append(f'export PATH={shlex.quote(bindir)}"${{PATH:+:$PATH}}"  # gpt-train of the job\'s python')
+    if array:
+        lines += ["case $SLURM_ARRAY_TASK_ID in", *(f"  {i}) {c} ;;" for i, c in enumerate(commands)), "esac"]
+    else:
+        lines.append(commands[0])
+    return "\n".join(lines) + "\n"
+
+
+def submit_then(commands: list[str], job_id: str, spec: JobSpec, res: Resources) -> tuple[str, list[str]]:
+    """sbatch the follow-up of job JOB_ID; (its job id, the log of each command)."""
+    path = then_path(spec, res, job_id)
+    Path(path).write_text(then_script(commands, job_id, spec, res))
+    p = subprocess.run(["sbatch", "--parsable", path], capture_output=True, text=True, timeout=60)
+    if p.returncode != 0:
+        raise UserError(f"job {job_id} is queued, but sbatch refused its follow-up ({path}): "
+                        + " ".join(p.stderr.split()))
+    then_id = p.stdout.strip().split(";")[0]
+    names = [f"then-{then_id}_{i}.out" for i in range(len(commands))] if len(commands) > 1 else [f"then-{then_id}.out"]
+    return then_id, [os.path.join(log_dir(spec, res), n) for n in names]
 
 
 def log_paths(job_id: str, spec: JobSpec, res: Resources) -> tuple[Path, Path]:
@@ -302,6 +426,21 @@ def job_state(job_id: str) -> str | None:
                        timeout=30)
     rows = [r.split()[0] for r in a.stdout.splitlines() if r.strip()]
     return rows[-1] if rows else None
+
+
+def wait_all(job_ids: list[str], say: Callable[[str], None], poll_s: float = 2.0) -> dict[str, str]:
+    """Until every job (an array's tasks) has ended, saying each end as it comes; their final states."""
+    ended: dict[str, str] = {}
+    while len(ended) < len(job_ids):
+        for job_id in job_ids:
+            if job_id not in ended:
+                state = job_state(job_id)
+                if state in TERMINAL:
+                    ended[job_id] = state
+                    say(f"job {job_id} ended {state}")
+        if len(ended) < len(job_ids):
+            time.sleep(poll_s)
+    return ended
 
 
 def follow(job_id: str, out_path: Path, err_path: Path, poll_s: float = 1.0, timeout_s: float | None = None) -> str:

@@ -166,6 +166,12 @@ def unmountable(spec: JobSpec, cwd: str) -> list[str]:
     return out
 
 
+def log_dir(spec: JobSpec, given: str = "") -> str:
+    """The job's log folder (--log-dir, default logs/JOB_NAME), absolute: submitit's files, a local run's
+    output, the code snapshot."""
+    return os.path.abspath(given or os.path.join("logs", spec.job_name))
+
+
 def quote(argv: list[str]) -> str:
     return " ".join(shlex.quote(a) for a in argv)
 
