@@ -25,7 +25,6 @@ from gpt_train.status import read_run
 from gpt_train.storage import Store
 from helpers import REPO, cli, tiny_data, train_args  # noqa: F401
 
-NOW = time.time()
 HOST = socket.gethostname()
 
 
@@ -34,7 +33,7 @@ HOST = socket.gethostname()
 def checkpoint(run: Path, step: int, final: bool = False, age_s: float = 60.0) -> None:
     """A checkpoint folder that verifies, written the way the checkpointer writes one (without torch)."""
     store = Store(str(run))
-    meta = {"step": step, "final": final, "time": NOW - age_s, "tokens": step * 256}
+    meta = {"step": step, "final": final, "time": time.time() - age_s, "tokens": step * 256}
     files = {"model.pt": f"weights of step {step}".encode(), "meta.json": json.dumps(meta).encode()}
     for name, data in files.items():
         store.write_bytes(f"{rundir.step_folder(step)}/{name}", data)
@@ -49,9 +48,9 @@ def make_run(path: Path, events: list[dict], steps: int = 0, max_steps: int = 40
     last_metric_age_s ago, and verifying checkpoints of the steps `ckpts`."""
     path.mkdir(parents=True)
     (path / "config.yaml").write_text(f"train:\n  max_steps: {max_steps}\n")
-    (path / "events.jsonl").write_text("".join(json.dumps({**e, "time": NOW - e["time"]}) + "\n" for e in events))
+    (path / "events.jsonl").write_text("".join(json.dumps({**e, "time": time.time() - e["time"]}) + "\n" for e in events))
     metrics = [{"step": s, "loss": 5.0 - s / 100, "tokens": s * 256, "tokens_per_s": 2560.0, "step_ms": 100.0,
-                "time": NOW - last_metric_age_s - (steps - s) * 0.1} for s in range(1, steps + 1)]
+                "time": time.time() - last_metric_age_s - (steps - s) * 0.1} for s in range(1, steps + 1)]
     if steps >= 5:
         metrics.append({"step": 5, "val_loss": 4.5, "time": metrics[4]["time"]})
     (path / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
