@@ -158,7 +158,8 @@ def test_entrypoint_dispatch(docker_engine, image):
     multi = docker_run(docker_engine, "-e", "GPT_TRAIN_DRY_RUN=1", "-e", "NPROC_PER_NODE=8", "-e",
                        "TORCHRUN_ARGS=--nnodes=2 --node-rank=1 --rdzv-backend=c10d --rdzv-endpoint=n1:29500",
                        image, "train", "gpt2")
-    assert "--nnodes=2 --node-rank=1 --rdzv-backend=c10d --rdzv-endpoint=n1:29500 -m gpt_train train gpt2" in multi.stdout
+    assert "--nnodes=2 --node-rank=1 --rdzv-backend=c10d --rdzv-endpoint=n1:29500 --signals-to-handle=" in multi.stdout
+    assert multi.stdout.rstrip().endswith("--shutdown-timeout=150 -m gpt_train train gpt2"), output(multi)
     assert "--standalone" not in multi.stdout
 
 
