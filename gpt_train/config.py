@@ -34,72 +34,10 @@ class ModelConfig:
 
 
 @dataclass
-class Source:
-    """One prepared directory of a mixture and its share of the training samples (weights are relative)."""
-
-    dir: str
-    weight: float
-    name: str = ""  # what the logs call it (its val loss); "" = the directory's last component
-
-    def __post_init__(self) -> None:
-        self.name = self.name or self.dir.rstrip("/").rsplit("/", 1)[-1]
-
-
-_SOURCES_SYNTAX = "DIR:WEIGHT,DIR:WEIGHT (e.g. data/web:0.7,data/books:0.3) or a YAML list of {dir, weight[, name]}"
-
-
-def parse_sources(key: str, value: Any) -> list[Source]:
-    """data.sources from YAML (a list of mappings) or the command line (DIR:WEIGHT,...; "" = none)."""
-    def bad(what: str) -> ConfigError:
-        return ConfigError(f"config key '{key}' expects {_SOURCES_SYNTAX}; {what}")
-
-    def weight(raw: Any, where: str) -> float:
-        if isinstance(raw, bool) or not isinstance(raw, (int, float, str)):
-            raise bad(f"the weight of {where} is {raw!r}")
-        try:
-            return float(raw)
-        except ValueError:
-            raise bad(f"the weight of {where} is {raw!r}") from None
-
-    if value is None or value == "":
-        return []
-    if isinstance(value, str):
-        out = []
-        for item in value.split(","):
-            path, _, raw = item.strip().rpartition(":")
-            try:
-                out.append(Source(path, float(raw)))
-            except ValueError:
-                raise bad(f"'{item.strip()}' does not end in :WEIGHT") from None
-        return out
-    if not isinstance(value, (list, tuple)):
-        raise bad(f"got {value!r}")
-    out = []
-    for i, item in enumerate(value, start=1):
-        if isinstance(item, Source):
-            out.append(item)
-            continue
-        if not isinstance(item, dict) or set(item) - {"dir", "weight", "name"}:
-            raise bad(f"item {i} is {item!r}")
-        if not isinstance(item.get("dir"), str) or "weight" not in item:
-            raise bad(f"item {i} ({item!r}) needs a dir and a weight")
-        name = item.get("name") or ""
-        if not isinstance(name, str):
-            raise bad(f"the name of item {i} is {name!r}")
-        out.append(Source(item["dir"], weight(item["weight"], f"item {i}"), name))
-    return out
-
-
-@dataclass
 class DataConfig:
-    dir: str = "data/moby-dick"  # output of `gpt-train prepare`: shards plus meta.json (docs/data.md); or s3://, gs://
+    dir: str = "data/moby-dick"  # output of `gpt-train prepare`: shards plus meta.json (docs/data.md)
     # the token files' format: auto (meta.json, else detected), or llm.c's .bin shards, nanoGPT's train.bin/val.bin
     format: str = field(default="auto", metadata={"choices": ("auto", "gpt-train", "llmc", "nanogpt")})
-    # a weighted mixture of prepared directories, used instead of dir when not empty (docs/data.md#mixtures)
-    sources: list[Source] = field(default_factory=list, metadata={"parse": parse_sources})
-    # shards on object storage (s3://, gs://) are read in blocks kept on local disk: at most this many GB per process
-    cache_gb: float = 20.0
-    cache_dir: str = ""  # "" = $GPT_TRAIN_CACHE, else gpt-train-cache in the system's temporary directory
 
 
 @dataclass
@@ -296,8 +234,6 @@ def resolve_key(key: str) -> str:
 
 def _coerce(key: str, value: Any, f: dataclasses.Field) -> Any:
     """Convert a YAML or command-line value to the field's type, or say which key is wrong."""
-    if "parse" in f.metadata:  # a structured value: its field brings its own parser
-        return f.metadata["parse"](key, value)
     if f.metadata.get("tristate"):
         if value is None or (isinstance(value, str) and value.lower() == "auto"):
             return None
@@ -490,8 +426,6 @@ def validate(cfg: Config, world_size: int = 1) -> None:
          f"config key 'train.batch_tokens' ({t.batch_tokens}) must be a multiple of seq_len x ranks "
          f"= {cfg.seq_len} x {world_size} = {per_rank_step}, so that every rank gets whole sequences")
     need(cfg.checkpoint.keep_last >= 1, "config key 'checkpoint.keep_last' must be at least 1")
-    need(cfg.data.cache_gb > 0, "config key 'data.cache_gb' must be positive")
-    _check_sources(cfg.data.sources)
     need(bool(cfg.run_dir), "config key 'run_dir' must not be empty")
     for name in cfg.preemption.signals:
         full = name.upper() if name.upper().startswith("SIG") else "SIG" + name.upper()
@@ -500,20 +434,6 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         need(full not in ("SIGKILL", "SIGSTOP"), f"config key 'preemption.signals': '{name}' cannot be caught "
              "(the kernel acts on SIGKILL and SIGSTOP itself), so it cannot make the run checkpoint; "
              "use e.g. TERM, USR1, USR2")
-
-
-def _check_sources(sources: list[Source]) -> None:
-    names: dict[str, str] = {}
-    for i, source in enumerate(sources, start=1):
-        if not source.dir:
-            raise ConfigError(f"config key 'data.sources': source {i} has no dir")
-        if not (math.isfinite(source.weight) and source.weight > 0):
-            raise ConfigError(f"config key 'data.sources': the weight of '{source.dir}' must be a positive number, "
-                              f"got {source.weight}")
-        if source.name in names:
-            raise ConfigError(f"config key 'data.sources': two sources are named '{source.name}' ({names[source.name]}, "
-                              f"{source.dir}): give each a name (YAML: - {{dir: ..., weight: ..., name: ...}})")
-        names[source.name] = source.dir
 
 
 def warnings(cfg: Config) -> list[str]:
