@@ -135,6 +135,17 @@ def reuse_freed_memory() -> bool:
         return False
 
 
+def _affordable(n: int, dtype: torch.dtype, seconds: float = 0.1) -> int:
+    """The largest square size up to n whose matmul takes about `seconds` here: a CPU without native bf16 runs a
+    2048-square bf16 matmul on one thread for a minute (measured: 0.27 GFLOP/s), which would stall every start."""
+    a = torch.ones(256, 256, dtype=dtype)
+    torch.mm(a, a)
+    start = time.perf_counter()
+    torch.mm(a, a)
+    rate = 2 * 256**3 / max(time.perf_counter() - start, 1e-9)
+    return max(256, min(n, int((seconds * rate / 2) ** (1 / 3))))
+
+
 @lru_cache(maxsize=None)
 def measured_peak(dtype: torch.dtype, n: int = 2048, seconds: float = 0.5, device: str = "cpu") -> float:
     """FLOP/s of a large square torch.mm on this CPU (or on `device`, a GPU no datasheet number covers): the
@@ -146,7 +157,7 @@ def measured_peak(dtype: torch.dtype, n: int = 2048, seconds: float = 0.5, devic
     """
     where = torch.device(device)
     on_gpu = where.type == "cuda"
-    n = max(n, 8192) if on_gpu else n
+    n = max(n, 8192) if on_gpu else _affordable(n, dtype)
     sync = torch.cuda.synchronize if on_gpu else (lambda: None)
     gen = torch.Generator(device=where).manual_seed(0)  # its own: the run's RNG is restored before this runs
     a = torch.randn(n, n, dtype=dtype, device=where, generator=gen)
