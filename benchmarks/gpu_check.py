@@ -96,7 +96,7 @@ class Plan:
     stall_layers: int  # of benchmarks/checkpoint.py's GPT-2 (12: the 124M model)
     small_micro_batch: int = 8  # for the rows that check numerics, not speed
     limits: dict[str, float] = field(default_factory=lambda: {
-        "versions": 45, "peak": 60, "eager": 120, "compile": 180, "fp16": 60, "resume": 120, "ddp": 75,
+        "versions": 45, "peak": 60, "eager": 120, "compile": 180, "fp16": 60, "resume": 180, "ddp": 75,
         "fsdp": 75, "stall": 90})  # seconds at most per row; BUDGET_S bounds them all together
 
 
