@@ -22,6 +22,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+from test_launch import section
+from test_slurm import jobs  # noqa: F401 (a fixture)
 
 from helpers import REPO, TINY, read_metrics, tiny_data  # noqa: F401
 from launch import snapshot, submit
@@ -45,11 +47,6 @@ def dry(capsys, *argv: str) -> str:
     out, err = capsys.readouterr()
     assert rc == 0, err
     return out
-
-
-def section(text: str, title: str) -> str:
-    block = text.split(f"# ---- {title}", 1)[1].split("\n", 1)[1]
-    return block.split("\n# ---- ", 1)[0]
 
 
 def refused(capsys, *argv: str) -> str:
@@ -398,14 +395,6 @@ def max_running(runs: dict[str, list[dict[str, str]]]) -> int:
         running += step
         peak = max(peak, running)
     return peak
-
-
-@pytest.fixture
-def jobs(slurm_cluster):
-    ids: list[str] = []
-    yield ids
-    if ids:
-        slurm_cluster.run("scancel", *ids, check=False)
 
 
 @pytest.mark.slurm
