@@ -38,6 +38,10 @@ class DataConfig:
     dir: str = "data/moby-dick"  # output of `gpt-train prepare`: shards plus meta.json (docs/data.md)
     # the token files' format: auto (meta.json, else detected), or llm.c's .bin shards, nanoGPT's train.bin/val.bin
     format: str = field(default="auto", metadata={"choices": ("auto", "gpt-train", "llmc", "nanogpt")})
+    # a data.dir on object storage (s3://, gs://) is read through a cache on local disk (docs/data.md): its bound,
+    # in GB (the whole folder, shared by every run and rank that uses it), and where it is
+    cache_gb: float = 4.0
+    cache_dir: str = "~/.cache/gpt-train/shards"
 
 
 @dataclass
@@ -408,7 +412,7 @@ def validate(cfg: Config, world_size: int = 1) -> None:
             need(math.isfinite(value), f"config key '{key}' must be a finite number, got {value}")
     for key in ("model.n_layer", "model.n_head", "model.n_embd", "model.block_size", "train.max_steps",
                 "train.batch_tokens", "train.micro_batch", "train.eval_batches", "train.log_interval", "optim.lr",
-                "checkpoint.lease_stale_s", "distributed.storage_timeout_s"):
+                "checkpoint.lease_stale_s", "distributed.storage_timeout_s", "data.cache_gb"):
         need(get_value(cfg, key) > 0, f"config key '{key}' must be positive")
     for key in ("model.vocab_size", "train.seq_len", "train.eval_interval", "train.sample_interval",
                 "train.sample_tokens", "schedule.warmup_steps", "schedule.decay_steps", "checkpoint.interval",

@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gpt_train import formats
+from gpt_train import formats, remote
+from gpt_train.config import DataConfig
 from gpt_train.errors import CheckpointError, DataError
 
 FORMAT = formats.META_FORMAT
@@ -31,20 +32,22 @@ def read_meta(data_dir: str, data_format: str = "auto") -> dict:
     must be what the directory holds."""
     if data_format not in formats.CHOICES:
         raise DataError(f"data.format {data_format!r} is none of {', '.join(formats.CHOICES)}")
-    if "://" in data_dir and not data_dir.startswith("file://"):
-        raise DataError(f"data.dir '{data_dir}' must be a local path: shards are memory-mapped. "
-                        "Copy the prepared directory to local or shared disk first")
-    root = Path(data_dir.removeprefix("file://"))
-    path = root / "meta.json"
-    if not path.is_file():
-        found = formats.detect(root) if data_format == "auto" else data_format
-        if found in (None, formats.NATIVE):
-            raise DataError(f"no prepared data in '{data_dir}' (missing {path.name}): run `gpt-train prepare "
-                            f"INPUT... --out {data_dir}`, or `gpt-train prepare --index {data_dir}` for llm.c or "
-                            "nanoGPT token files")
-        return formats.describe(root, found)
+    if remote.is_remote(data_dir):
+        path: str | Path = f"{data_dir.rstrip('/')}/meta.json"
+        text = remote.read_meta_text(data_dir)
+    else:
+        root = Path(data_dir.removeprefix("file://"))
+        path = root / "meta.json"
+        if not path.is_file():
+            found = formats.detect(root) if data_format == "auto" else data_format
+            if found in (None, formats.NATIVE):
+                raise DataError(f"no prepared data in '{data_dir}' (missing {path.name}): run `gpt-train prepare "
+                                f"INPUT... --out {data_dir}`, or `gpt-train prepare --index {data_dir}` for llm.c or "
+                                "nanoGPT token files")
+            return formats.describe(root, found)
+        text = path.read_text()
     try:
-        meta = json.loads(path.read_text())
+        meta = json.loads(text)
     except json.JSONDecodeError as e:
         raise DataError(f"'{path}' is not valid JSON ({e.msg}): run `gpt-train prepare --force`") from None
     if not isinstance(meta, dict):
@@ -95,37 +98,50 @@ def bits_per_byte(loss_nats_per_token: float, meta: dict, split: str = "val") ->
 
 
 class Split:
-    """One split (train or val) of a prepared directory: its shards as read-only memmaps."""
+    """One split (train or val) of a prepared directory: its shards as read-only memmaps, or on object storage
+    as `remote.RemoteShard`s read through `cache` (the process's default cache in DataConfig's place if None)."""
 
-    def __init__(self, data_dir: str, split: str, seq_len: int, data_format: str = "auto"):
+    def __init__(self, data_dir: str, split: str, seq_len: int, data_format: str = "auto",
+                 cache: remote.Cache | None = None):
         meta = read_meta(data_dir, data_format)
-        root = Path(data_dir.removeprefix("file://"))
         if split not in meta["splits"]:
             raise DataError(f"'{data_dir}' has no '{split}' split (has: {', '.join(meta['splits'])})")
         dtype = np.dtype(meta["dtype"])
         shard_format = formats.of(meta)
         n_vocab = meta["tokenizer"]["n_vocab"]
         info = meta["splits"][split]
-        self.shards: list[np.ndarray] = []
-        for name in info["shards"]:
-            path = root / name
-            if not path.is_file():
-                raise DataError(f"shard '{path}' listed in meta.json is missing: run `gpt-train prepare --force`")
-            shard = formats.open_tokens(path, shard_format, dtype)
-            # An id past the vocabulary would index outside the embedding at whichever step drew it. prepare
-            # records the largest id of a split; for data prepared before it did, and foreign files read without
-            # `prepare --index`, every shard is read once per start (about 0.05 s per GB from the page cache,
-            # the disk's read speed otherwise).
-            recorded = info.get("max_id")
+        # An id past the vocabulary would index outside the embedding at whichever step drew it. prepare records
+        # the largest id of a split; for data prepared before it did, and foreign files read without `prepare
+        # --index`, every local shard is read once per start (about 0.05 s per GB from the page cache, the disk's
+        # read speed otherwise). A remote one is not: that would download the whole split at every start.
+        recorded = info.get("max_id")
+        self.remote = remote.is_remote(data_dir)
+        if self.remote:
+            if not isinstance(recorded, int):
+                fix = ("prepare it again with `gpt-train prepare --force`, which records it" if shard_format == formats.NATIVE
+                       else "run `gpt-train prepare --index` on a local copy and upload its meta.json beside the shards")
+                raise DataError(f"'{data_dir}/meta.json' records no max_id of the '{split}' split, which reading it "
+                                f"from object storage needs (else every start would download every shard): {fix}")
+            self.shards: list[np.ndarray] | list[remote.RemoteShard] = remote.open_shards(
+                data_dir, info["shards"], shard_format, dtype,
+                cache or remote.cache_at(DataConfig.cache_dir, DataConfig.cache_gb))
+        else:
+            root = Path(data_dir.removeprefix("file://"))
+            self.shards = []
+            for name in info["shards"]:
+                path = root / name
+                if not path.is_file():
+                    raise DataError(f"shard '{path}' listed in meta.json is missing: run `gpt-train prepare --force`")
+                self.shards.append(formats.open_tokens(path, shard_format, dtype))
+        for name, shard in zip(info["shards"], self.shards):
             top = recorded if isinstance(recorded, int) else int(shard.max(initial=0))
             if top >= n_vocab:
-                where = f"the '{split}' split of '{data_dir}' (meta.json)" if isinstance(recorded, int) else f"shard '{path}'"
+                where = f"the '{split}' split of '{data_dir}' (meta.json)" if isinstance(recorded, int) else f"shard '{root / name}'"
                 fix = ("the shards and meta.json do not belong together; run `gpt-train prepare --force`"
                        if shard_format == formats.NATIVE else f"these {shard_format} files hold the ids of another "
                        "tokenizer, which gpt-train cannot read them with")
                 raise DataError(f"{where} holds token id {top}, outside the vocabulary of {n_vocab} of tokenizer "
                                 f"{meta['tokenizer'].get('name')!r}: {fix}")
-            self.shards.append(shard)
         self.seq_len = seq_len
         # A window holds seq_len inputs plus the one-token-shifted target, inside one shard.
         counts = np.array([max(0, (len(s) - 1) // seq_len) for s in self.shards], dtype=np.int64)
@@ -140,12 +156,25 @@ class Split:
             raise DataError(f"the '{split}' shards of '{data_dir}' hold {self.tokens:,} tokens but meta.json says "
                             f"{info['tokens']:,}: a shard was cut short or replaced; run `gpt-train prepare --force`")
 
-    def window(self, w: int) -> np.ndarray:
+    def _locate(self, w: int) -> tuple[int, int]:
+        """(shard, first id) of window w."""
         shard = int(np.searchsorted(self.starts, w, side="right")) - 1
-        offset = (w - int(self.starts[shard])) * self.seq_len
+        return shard, (w - int(self.starts[shard])) * self.seq_len
+
+    def window(self, w: int) -> np.ndarray:
+        shard, offset = self._locate(w)
         return self.shards[shard][offset : offset + self.seq_len + 1]
 
+    def prefetch(self, indices) -> None:
+        """Start fetching what windows `indices` need from object storage, so that reading them later does not wait
+        on the network; a no-op on local shards, which the page cache reads ahead."""
+        if self.remote:
+            for w in indices:
+                shard, offset = self._locate(int(w))
+                self.shards[shard].prefetch(offset, offset + self.seq_len + 1)
+
     def windows(self, indices) -> torch.Tensor:
+        self.prefetch(indices)  # remote blocks fetched side by side, not one window after the other
         rows = np.stack([self.window(int(w)) for w in indices]).astype(np.int64)  # (B, T+1)
         return torch.from_numpy(rows)
 
@@ -195,6 +224,8 @@ class Loader:
         """This rank's micro-batches of the optimizer step whose global batch starts at sample `sample`:
         [(x, y)], each (micro_batch, T)."""
         first = sample + self.rank * (self.global_batch // self.world_size)
+        # The whole step's windows at once: blocks on object storage come side by side (a no-op on local shards).
+        self.split.prefetch(self._window_of(k) for k in range(first, first + self.global_batch // self.world_size))
         micro = []
         for m in range(self.accum_steps):
             lo = first + m * self.micro_batch

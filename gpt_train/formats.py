@@ -54,39 +54,50 @@ def llmc_header(count: int, dtype: np.dtype) -> bytes:
 def count_tokens(path: Path, shard_format: str, dtype: np.dtype) -> tuple[np.dtype, int]:
     """(id type, number of ids) of one file, its header checked against its size; `dtype` is the type of bare
     files, an llm.c header gives its own. A failed check is one line naming the file and what does not add up."""
-    size = path.stat().st_size
+    head = b""
+    if shard_format == LLMC:
+        with open(path, "rb") as f:
+            head = f.read(HEADER_BYTES[LLMC])
+    return parse_header(str(path), shard_format, dtype, path.stat().st_size, head)
+
+
+def parse_header(name: str, shard_format: str, dtype: np.dtype, size: int, head: bytes) -> tuple[np.dtype, int]:
+    """`count_tokens` of a file named `name` of `size` bytes that starts with `head` (at least its header): the
+    same checks for a local file and for an object read by a ranged request."""
     if shard_format != LLMC:
         if size % dtype.itemsize:
-            raise DataError(f"shard '{path}' is truncated (size not a multiple of {dtype.itemsize} bytes)")
+            raise DataError(f"shard '{name}' is truncated (size not a multiple of {dtype.itemsize} bytes)")
         return dtype, size // dtype.itemsize
     header_bytes = HEADER_BYTES[LLMC]
-    with open(path, "rb") as f:
-        raw = f.read(header_bytes)
-    if len(raw) < header_bytes:
-        raise DataError(f"{path}: {size} bytes, shorter than llm.c's {header_bytes}-byte header")
-    magic, version, count = (int(v) for v in np.frombuffer(raw, "<i4")[:3])
+    if size < header_bytes or len(head) < header_bytes:
+        raise DataError(f"{name}: {size} bytes, shorter than llm.c's {header_bytes}-byte header")
+    magic, version, count = (int(v) for v in np.frombuffer(head[:header_bytes], "<i4")[:3])
     if magic not in LLMC_MAGIC:
         known = ", ".join(f"{m} for {ids.name}" for m, (_, ids) in LLMC_MAGIC.items())
-        raise DataError(f"{path}: magic number {magic} is not llm.c's ({known} tokens)")
+        raise DataError(f"{name}: magic number {magic} is not llm.c's ({known} tokens)")
     expected, found = LLMC_MAGIC[magic]
     if version != expected:
-        raise DataError(f"{path}: version {version} with magic {magic}; llm.c writes version {expected} with it "
+        raise DataError(f"{name}: version {version} with magic {magic}; llm.c writes version {expected} with it "
                         f"({found.name} tokens)")
     if count < 0:
-        raise DataError(f"{path}: header says {count} tokens")
+        raise DataError(f"{name}: header says {count} tokens")
     body = size - header_bytes
     if count * found.itemsize != body:
-        raise DataError(f"{path}: header says {count} tokens ({count * found.itemsize} bytes) but the file holds "
+        raise DataError(f"{name}: header says {count} tokens ({count * found.itemsize} bytes) but the file holds "
                         f"{body} bytes after its {header_bytes}-byte header")
     return found, count
+
+
+def check_dtype(name: str, found: np.dtype, dtype: np.dtype) -> None:
+    if found != dtype:
+        raise DataError(f"{name} holds {found.name} tokens but meta.json says {dtype.name}: the shards and meta.json "
+                        "do not belong together; run `gpt-train prepare --index` again")
 
 
 def open_tokens(path: Path, shard_format: str, dtype: np.dtype) -> np.ndarray:
     """The ids of one file as a read-only memmap past its header, checked as `count_tokens` does."""
     found, count = count_tokens(path, shard_format, dtype)
-    if found != dtype:
-        raise DataError(f"{path} holds {found.name} tokens but meta.json says {dtype.name}: the shards and meta.json "
-                        "do not belong together; run `gpt-train prepare --index` again")
+    check_dtype(str(path), found, dtype)
     if count == 0:  # numpy cannot map zero bytes
         return np.zeros(0, dtype)
     return np.memmap(path, dtype=dtype, mode="r", offset=HEADER_BYTES[shard_format], shape=(count,))

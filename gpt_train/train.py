@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 
 import gpt_train
-from gpt_train import collectives, data, distributed, optim, parallel, precision, protocol, recovery, rundir
+from gpt_train import collectives, data, distributed, optim, parallel, precision, protocol, recovery, remote, rundir
 from gpt_train.checkpoint import Checkpoint, CheckpointManager
 from gpt_train.config import Config, dump, load_config, micro_batch_for, resolve_vocab, to_dict, validate
 from gpt_train.config import warnings as config_warnings
@@ -318,8 +318,9 @@ class Trainer:
         """Data, model (weights from the checkpoint, another run's, Hugging Face's or random), optimizer."""
         cfg, world, t = self.cfg, self.world, self.cfg.train
         self.tokenizer = from_identity(self.data_meta["tokenizer"], cfg.data.dir)
-        self.train_split = data.Split(cfg.data.dir, "train", cfg.seq_len, cfg.data.format)
-        self.val_split = data.Split(cfg.data.dir, "val", cfg.seq_len, cfg.data.format)
+        cache = remote.cache_at(cfg.data.cache_dir, cfg.data.cache_gb)  # for a data.dir on object storage
+        self.train_split = data.Split(cfg.data.dir, "train", cfg.seq_len, cfg.data.format, cache)
+        self.val_split = data.Split(cfg.data.dir, "val", cfg.seq_len, cfg.data.format, cache)
         if self.val_split.num_windows < world.world_size:  # each rank evaluates its share: none would be empty
             raise DataError(f"the val split of '{cfg.data.dir}' has {self.val_split.num_windows} sequence(s) of "
                             f"{cfg.seq_len} tokens, fewer than the {world.world_size} ranks: prepare it with a larger "

@@ -61,8 +61,6 @@ def test_eval_batches_are_fixed_and_split_over_ranks(tiny_data):
 def test_missing_and_broken_data_are_clear_errors(tmp_path, tiny_data):
     with pytest.raises(DataError, match="no prepared data in .* run `gpt-train prepare"):
         data.read_meta(str(tmp_path / "nothing"))
-    with pytest.raises(DataError, match="must be a local path"):
-        data.read_meta("s3://bucket/data")
     with pytest.raises(DataError, match="fewer than one sequence"):
         data.Split(tiny_data, "val", 10**7 // 2)
     broken = tmp_path / "broken"
