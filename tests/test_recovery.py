@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -118,7 +119,9 @@ def test_bad_steps_in_a_row_roll_back_past_their_data_and_a_resume_stays_exact(t
     p = cli(*train_args(tiny_data, str(cut), *args), env={"GPT_TRAIN_FAULT": "nan@step=12;kill@step=17,attempt=1"})
     assert p.returncode == -signal.SIGKILL, p.stderr[-3000:]
     p = cli(*train_args(tiny_data, str(cut), *args), env={"GPT_TRAIN_FAULT": "nan@step=12;kill@step=17,attempt=1"})
-    assert p.returncode == 0 and "(step 15)" in p.stdout, p.stderr[-3000:]
+    # step 15's checkpoint is written in the background: a kill two steps later may come before it landed (seen
+    # under CI load), and the resume is then from step 10, past the rollback all the same
+    assert p.returncode == 0 and re.search(r"\(step 1[05]\)", p.stdout), p.stdout[-3000:] + p.stderr[-3000:]
     assert losses(cut) == reference
     meta = json.loads((cut / "checkpoints" / "step-00000020" / "meta.json").read_text())
     assert meta["rollbacks"] == [{"at_step": 12, "to_step": 10, "skipped_samples": [first, past]}]
