@@ -172,37 +172,7 @@ def summarize(info: RunRecords, now: float | None = None) -> dict:
     if step_s and max_steps and not finished:
         remaining = max(0, max_steps - step) * step_s
 
-    refusal = next((e for e in reversed(info.events) if e.get("event") in REFUSALS + ("cancelled",)
-                    and float(e.get("time", 0)) >= (last.start_time if last else 0)), None)
-    if last is None and refusal is None:
-        state = "not started"
-    elif refusal is not None:
-        state = (f"stopped (cancelled by {refusal.get('by', '?')} at step {refusal.get('step')})"
-                 if refusal["event"] == "cancelled" else
-                 {"gave_up": "stopped by the restart policy", "bad_node": "waiting to be requeued without a bad node",
-                  "requeue": "waiting to be requeued (in-job restarts spent)"}[refusal["event"]]
-                 + f": {refusal.get('cause', '')}")
-    elif finished:
-        state = "finished"
-    elif last.end == "finish" and not final_ok:
-        state = (f"ended at step {last.last_step}, but " + ("no checkpoint verifies: a resume starts fresh"
-                 if resume_step is None else f"the newest checkpoint that verifies is of step {resume_step}: "
-                 "a resume continues from there"))
-    elif last.end == "finish":
-        state = "finished (at a smaller max_steps than the config now says)"
-    elif last.end == "preempted":
-        cause, _ = restart_cause(last)
-        state = f"stopped: {cause} ({last.end_cause}) at step {last.last_step}; waiting to be requeued or resumed"
-    elif last.end is not None:
-        state = f"{ENDS[last.end]} at step {last.last_step}: {last.end_cause}"
-    else:
-        idle = now - (last.end_time or last.start_time)
-        # Quiet for longer than this: no longer running. On an object store metrics land only at checkpoints.
-        quiet_ok = max(600.0, 20 * (step_s or 0))
-        if not Store(info.url).local:
-            quiet_ok = max(quiet_ok, 2 * ((info.config.get("checkpoint") or {}).get("interval") or 0) * (step_s or 0))
-        state = ("running" if idle <= quiet_ok else "stopped without a final record (crashed or killed)") \
-            + f", last record {format_duration(idle)} ago"
+    state = _state(info, now, finished, final_ok, resume_step, step_s)
 
     report = {
         "run": info.url,
@@ -237,6 +207,43 @@ def summarize(info: RunRecords, now: float | None = None) -> dict:
         "restarts": info.restarts(),
     }
     return report
+
+
+def _state(info: RunRecords, now: float, finished: bool, final_ok: bool, resume_step: int | None,
+           step_s: float | None) -> str:
+    """The run's state in words: not started, refused by the restart policy or cancelled, finished, ended how,
+    or running (its records are recent)."""
+    last = info.attempts[-1] if info.attempts else None
+    refusal = next((e for e in reversed(info.events) if e.get("event") in REFUSALS + ("cancelled",)
+                    and float(e.get("time", 0)) >= (last.start_time if last else 0)), None)
+    if last is None and refusal is None:
+        return "not started"
+    if refusal is not None:
+        return (f"stopped (cancelled by {refusal.get('by', '?')} at step {refusal.get('step')})"
+                if refusal["event"] == "cancelled" else
+                {"gave_up": "stopped by the restart policy", "bad_node": "waiting to be requeued without a bad node",
+                 "requeue": "waiting to be requeued (in-job restarts spent)"}[refusal["event"]]
+                + f": {refusal.get('cause', '')}")
+    if finished:
+        return "finished"
+    if last.end == "finish" and not final_ok:
+        return (f"ended at step {last.last_step}, but " + ("no checkpoint verifies: a resume starts fresh"
+                if resume_step is None else f"the newest checkpoint that verifies is of step {resume_step}: "
+                "a resume continues from there"))
+    if last.end == "finish":
+        return "finished (at a smaller max_steps than the config now says)"
+    if last.end == "preempted":
+        cause, _ = restart_cause(last)
+        return f"stopped: {cause} ({last.end_cause}) at step {last.last_step}; waiting to be requeued or resumed"
+    if last.end is not None:
+        return f"{ENDS[last.end]} at step {last.last_step}: {last.end_cause}"
+    idle = now - (last.end_time or last.start_time)
+    # Quiet for longer than this: no longer running. On an object store metrics land only at checkpoints.
+    quiet_ok = max(600.0, 20 * (step_s or 0))
+    if not Store(info.url).local:
+        quiet_ok = max(quiet_ok, 2 * ((info.config.get("checkpoint") or {}).get("interval") or 0) * (step_s or 0))
+    return ("running" if idle <= quiet_ok else "stopped without a final record (crashed or killed)") \
+        + f", last record {format_duration(idle)} ago"
 
 
 def format_duration(seconds: float | None) -> str:
