@@ -52,7 +52,7 @@ def loader_rate(data_dir: str, seq_len: int, global_batch: int, micro: int, samp
                 cache: remote.Cache | None) -> float:
     """Samples per second of next_batch over `samples` samples (whole steps), from a fresh Split and Loader."""
     split = data.Split(data_dir, "train", seq_len, cache=cache)
-    loader = data.Loader(split, 0, global_batch, micro, 0, 1, prefetch=True)
+    loader = data.Loader(data.Shuffled(split, 0), global_batch, micro, 0, 1, prefetch=True)
     steps = math.ceil(samples / global_batch)
     start = time.perf_counter()
     for _ in range(steps):

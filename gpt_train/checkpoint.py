@@ -495,7 +495,8 @@ class CheckpointManager:
                 free.append(f"{key} {before} -> {now}")
         data_before = found.meta.get("data_fingerprint")
         if data_before and data_before != self.about["data_fingerprint"]:
-            diffs.append(("data", f"the data in {ours['data']['dir']} (fingerprint {self.about['data_fingerprint']}) "
+            where = ", ".join(source["dir"] for source in ours["data"].get("sources") or [ours["data"]])
+            diffs.append(("data", f"the data in {where} (fingerprint {self.about['data_fingerprint']}) "
                                   f"is not the checkpoint's ({data_before})"))
         refused = [(name, what) for name, what in diffs if name not in self.cfg.allow_changes]
         if refused:

@@ -33,15 +33,33 @@ class ModelConfig:
     init_from: str = ""  # "" = random init; else a local Hugging Face GPT-2 directory (safetensors)
 
 
+DATA_FORMATS = ("auto", "gpt-train", "llmc", "nanogpt")
+
+
+@dataclass
+class Source:
+    """One corpus of a mixture: a folder like data.dir, and its share of the samples (weights need not sum to 1)."""
+    dir: str
+    weight: float = 1.0
+    format: str = "auto"
+
+
 @dataclass
 class DataConfig:
     dir: str = "data/moby-dick"  # output of `gpt-train prepare`: shards plus meta.json (docs/data.md)
     # the token files' format: auto (meta.json, else detected), or llm.c's .bin shards, nanoGPT's train.bin/val.bin
-    format: str = field(default="auto", metadata={"choices": ("auto", "gpt-train", "llmc", "nanogpt")})
+    format: str = field(default="auto", metadata={"choices": DATA_FORMATS})
+    # A mixture, in place of data.dir and data.format: samples drawn from each folder in proportion to its weight
+    # (docs/data.md). YAML: a list of {dir, weight, format}; command line: data.sources=DIR:WEIGHT,DIR:WEIGHT
+    sources: list[Source] = field(default_factory=list, metadata={"sources": True})
     # a data.dir on object storage (s3://, gs://) is read through a cache on local disk (docs/data.md): its bound,
     # in GB (the whole folder, shared by every run and rank that uses it), and where it is
     cache_gb: float = 4.0
     cache_dir: str = "~/.cache/gpt-train/shards"
+
+    def mixture(self) -> list[Source]:
+        """The folders the run reads: data.sources, else data.dir alone."""
+        return self.sources or [Source(self.dir, 1.0, self.format)]
 
 
 @dataclass
@@ -242,6 +260,8 @@ def _coerce(key: str, value: Any, f: dataclasses.Field) -> Any:
         if value is None or (isinstance(value, str) and value.lower() == "auto"):
             return None
         return _coerce(key, value, _BOOL_FIELD)
+    if f.metadata.get("sources"):
+        return _sources(key, value)
     if f.metadata.get("list"):
         items = value.split(",") if isinstance(value, str) else value
         if not isinstance(items, (list, tuple)) or not all(isinstance(v, str) for v in items):
@@ -293,6 +313,49 @@ def _coerce(key: str, value: Any, f: dataclasses.Field) -> Any:
         hint = f"; {f.metadata['hint'].format(value)}" if "hint" in f.metadata else ""
         raise ConfigError(f"config key '{key}' must be one of {', '.join(choices)}; got '{value}'{hint}")
     return value
+
+
+def _sources(key: str, value: Any) -> list[Source]:
+    """data.sources from YAML (a list of mappings or of "DIR:WEIGHT") or the command line ("DIR:W,DIR:W")."""
+    items = [v for v in value.split(",") if v.strip()] if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)):
+        raise ConfigError(f"config key '{key}' expects a list of {{dir, weight}} (YAML) or DIR:WEIGHT,DIR:WEIGHT, "
+                          f"got {value!r}")
+    out = []
+    for item in items:
+        if isinstance(item, Source):
+            item = dataclasses.asdict(item)
+        if isinstance(item, str):  # the weight follows the last colon, so s3://bucket/dir:0.3 reads as meant
+            where, sep, weight = item.strip().rpartition(":")
+            try:
+                item = {"dir": where, "weight": float(weight)} if sep and where else {"dir": item.strip()}
+            except ValueError:
+                item = {"dir": item.strip()}
+        if not isinstance(item, dict):
+            raise ConfigError(f"config key '{key}': each source is a mapping {{dir, weight, format}} or "
+                              f"DIR:WEIGHT, got {item!r}")
+        known = [f.name for f in dataclasses.fields(Source)]
+        for name in item:
+            if name not in known:
+                close = difflib.get_close_matches(str(name), known, n=1)
+                raise ConfigError(f"config key '{key}': a source has no key '{name}'"
+                                  + (f"; did you mean '{close[0]}'?" if close else f" (keys: {', '.join(known)})"))
+        where = item.get("dir")
+        if not isinstance(where, str) or not where:
+            raise ConfigError(f"config key '{key}': every source needs a dir, got {item!r}")
+        weight = item.get("weight", 1.0)
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight <= 0:
+            raise ConfigError(f"config key '{key}': the weight of '{where}' must be a positive number, got {weight!r}")
+        fmt = item.get("format", "auto")
+        if fmt not in DATA_FORMATS:
+            raise ConfigError(f"config key '{key}': the format of '{where}' must be one of {', '.join(DATA_FORMATS)}; "
+                              f"got {fmt!r}")
+        out.append(Source(where, float(weight), fmt))
+    dirs = [s.dir for s in out]
+    for where in dirs:
+        if dirs.count(where) > 1:
+            raise ConfigError(f"config key '{key}' names '{where}' twice: give it one entry with the summed weight")
+    return out
 
 
 _BOOL_FIELD = dataclasses.field(default=False)

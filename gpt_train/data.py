@@ -24,6 +24,7 @@ from gpt_train.config import DataConfig
 from gpt_train.errors import CheckpointError, DataError
 
 FORMAT = formats.META_FORMAT
+TRACE_VAR = "GPT_TRAIN_TRACE_BATCHES"  # tests: a folder where each rank records the sequences of every step
 
 
 def read_meta(data_dir: str, data_format: str = "auto") -> dict:
@@ -179,36 +180,62 @@ class Split:
         return torch.from_numpy(rows)
 
 
-@lru_cache(maxsize=2)
-def _permutation(num_windows: int, seed: int, epoch: int) -> np.ndarray:
-    return np.random.default_rng([seed, epoch]).permutation(num_windows)
+@lru_cache(maxsize=8)
+def _permutation(num_windows: int, seed: tuple[int, ...], epoch: int) -> np.ndarray:
+    return np.random.default_rng([*seed, epoch]).permutation(num_windows)
+
+
+class Shuffled:
+    """A split as an endless stream of samples: sample k is window perm[k mod N] of epoch k // N, the
+    permutation seeded with (seed, *salt, epoch). A mixture salts each source's stream with its index."""
+
+    def __init__(self, split: Split, seed: int, salt: tuple[int, ...] = ()):
+        self.split, self.seed = split, (seed, *salt)
+        self.seq_len = split.seq_len
+
+    def window_of(self, k: int) -> int:
+        epoch, j = divmod(k, self.split.num_windows)
+        return int(_permutation(self.split.num_windows, self.seed, epoch)[j])
+
+    def prefetch(self, samples) -> None:
+        self.split.prefetch(self.window_of(k) for k in samples)
+
+    def rows(self, samples) -> torch.Tensor:
+        """Samples `samples` as (len(samples), T+1) token ids."""
+        return self.split.windows([self.window_of(k) for k in samples])
+
+    def epochs(self, samples: int) -> float:
+        """Passes over the split that the first `samples` samples make."""
+        return samples / self.split.num_windows
 
 
 class Loader:
-    """Training batches for one rank; `next_sample` (global, rank-independent) is its whole state.
+    """Training batches for one rank from a sample stream (`Shuffled`, or a `mixture.Mixture`); `next_sample`
+    (global, rank-independent) is its whole state.
 
     With `prefetch`, the batch after the one handed out is gathered from the memmaps on a background thread
     while the step runs (into pinned memory with `pin`, so that the copy to the GPU does not block). It is
-    keyed by its position: the state stays the position of the batches consumed, whatever was read ahead."""
+    keyed by its position: the state stays the position of the batches consumed, whatever was read ahead.
+    `trace` (tests: GPT_TRAIN_TRACE_BATCHES) appends a hash of every sequence each step hands out to a file."""
 
-    def __init__(self, split: Split, seed: int, global_batch: int, micro_batch: int, rank: int, world_size: int,
-                 prefetch: bool = False, pin: bool = False):
+    def __init__(self, stream, global_batch: int, micro_batch: int, rank: int, world_size: int,
+                 prefetch: bool = False, pin: bool = False, trace: str | None = None):
         assert global_batch % (micro_batch * world_size) == 0, "chosen by config.micro_batch_for"
-        self.split, self.seed = split, seed
+        self.stream = stream
         self.global_batch, self.micro_batch = global_batch, micro_batch
         self.rank, self.world_size = rank, world_size
         self.next_sample = 0
-        self.pin = pin
+        self.pin, self.trace = pin, trace
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="batch-prefetch") if prefetch else None
         self._ahead: tuple[int, Future] | None = None
 
     def state_dict(self) -> dict:
-        return {"next_sample": self.next_sample, "seq_len": self.split.seq_len}
+        return {"next_sample": self.next_sample, "seq_len": self.stream.seq_len}
 
     def load_state_dict(self, state: dict) -> None:
-        if state["seq_len"] != self.split.seq_len:
+        if state["seq_len"] != self.stream.seq_len:
             raise CheckpointError(f"the checkpoint was trained with seq_len {state['seq_len']}, the config says "
-                                  f"{self.split.seq_len}: its token stream cannot continue; start a new run with "
+                                  f"{self.stream.seq_len}: its token stream cannot continue; start a new run with "
                                   "checkpoint.init_from=<that checkpoint>")
         self.next_sample = state["next_sample"]
 
@@ -216,20 +243,16 @@ class Loader:
     def accum_steps(self) -> int:
         return self.global_batch // (self.micro_batch * self.world_size)
 
-    def _window_of(self, k: int) -> int:
-        epoch, j = divmod(k, self.split.num_windows)
-        return int(_permutation(self.split.num_windows, self.seed, epoch)[j])
-
     def batch_at(self, sample: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """This rank's micro-batches of the optimizer step whose global batch starts at sample `sample`:
         [(x, y)], each (micro_batch, T)."""
         first = sample + self.rank * (self.global_batch // self.world_size)
         # The whole step's windows at once: blocks on object storage come side by side (a no-op on local shards).
-        self.split.prefetch(self._window_of(k) for k in range(first, first + self.global_batch // self.world_size))
+        self.stream.prefetch(range(first, first + self.global_batch // self.world_size))
         micro = []
         for m in range(self.accum_steps):
             lo = first + m * self.micro_batch
-            rows = self.split.windows([self._window_of(k) for k in range(lo, lo + self.micro_batch)])
+            rows = self.stream.rows(range(lo, lo + self.micro_batch))
             x, y = rows[:, :-1].contiguous(), rows[:, 1:].contiguous()  # (B, T) each
             micro.append((x.pin_memory(), y.pin_memory()) if self.pin else (x, y))
         return micro
@@ -238,14 +261,22 @@ class Loader:
         """The micro-batches of the next optimizer step, and the position moved past them."""
         ahead = self._ahead
         micro = ahead[1].result() if ahead and ahead[0] == self.next_sample else self.batch_at(self.next_sample)
+        if self.trace:
+            self._record(micro)
         self.next_sample += self.global_batch
         if self._pool:
             self._ahead = (self.next_sample, self._pool.submit(self.batch_at, self.next_sample))
         return micro
 
+    def _record(self, micro: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        rows = [hashlib.sha1(a.numpy().tobytes() + b.numpy().tobytes()).hexdigest()[:12]
+                for x, y in micro for a, b in zip(x, y)]
+        with open(Path(self.trace) / f"rank-{self.rank}.jsonl", "a") as f:
+            f.write(json.dumps({"sample": self.next_sample, "world_size": self.world_size, "rows": rows}) + "\n")
+
     @property
     def epoch(self) -> float:
-        return self.next_sample / self.split.num_windows
+        return self.stream.epochs(self.next_sample)
 
 
 def eval_batches(split: Split, batches: int, micro_batch: int, rank: int, world_size: int):

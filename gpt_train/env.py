@@ -118,7 +118,7 @@ def _storage(cfg: Config) -> tuple[dict, list[str]]:
     from gpt_train.storage import Store
 
     problems = []
-    out = {"run_dir": {"url": cfg.run_dir}, "data": {"dir": cfg.data.dir}}
+    out: dict = {"run_dir": {"url": cfg.run_dir}}
     try:
         store = Store(cfg.run_dir)
         existed = store.exists()
@@ -133,13 +133,17 @@ def _storage(cfg: Config) -> tuple[dict, list[str]]:
     except Exception as e:  # any storage library's error: reported, not raised
         out["run_dir"].update(writable=False, error=str(e))
         problems.append(f"run_dir '{cfg.run_dir}' is not writable: {e}")
-    try:
-        meta = data.read_meta(cfg.data.dir)
-        out["data"].update(ok=True, tokenizer=meta["tokenizer"]["name"],
-                           tokens={name: split.get("tokens") for name, split in meta["splits"].items()})
-    except UserError as e:
-        out["data"].update(ok=False, error=str(e))
-        problems.append(str(e))
+    out["data"] = []
+    for source in cfg.data.mixture():
+        found: dict = {"dir": source.dir, "weight": source.weight}
+        try:
+            meta = data.read_meta(source.dir, source.format)
+            found.update(ok=True, tokenizer=meta["tokenizer"]["name"],
+                         tokens={name: split.get("tokens") for name, split in meta["splits"].items()})
+        except UserError as e:
+            found.update(ok=False, error=str(e))
+            problems.append(str(e))
+        out["data"].append(found)
     return out, problems
 
 
@@ -251,12 +255,13 @@ def render(r: dict) -> str:
         row("run_dir", f"{rd['url']}: writable; {ck}")
     else:
         row("run_dir", f"{rd['url']}: NOT writable")
-    dd = r["data"]
-    if dd.get("ok"):
-        row("data", f"{dd['dir']}: " + ", ".join(f"{k} {v:,} tokens" for k, v in dd["tokens"].items() if v is not None)
-            + f" ({dd['tokenizer']})")
-    else:
-        row("data", f"{dd['dir']}: not usable")
+    for dd in r["data"]:
+        weight = f" (weight {dd['weight']:g})" if len(r["data"]) > 1 else ""
+        if dd.get("ok"):
+            row("data", f"{dd['dir']}{weight}: " + ", ".join(f"{k} {v:,} tokens" for k, v in dd["tokens"].items()
+                                                             if v is not None) + f" ({dd['tokenizer']})")
+        else:
+            row("data", f"{dd['dir']}{weight}: not usable")
     if r["problems"]:
         lines.append("problems:")
         lines += [f"  - {p}" for p in r["problems"]]

@@ -37,7 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("source", metavar="RUN_OR_CHECKPOINT", help="run directory or checkpoint folder (local or fsspec URL)")
     parser.add_argument("--task", choices=TASKS, required=True)
     parser.add_argument("--data", help="hellaswag: the JSONL file (local or fsspec URL); val: a prepared data directory "
-                        "(default: the run's data.dir)")
+                        "(default: the run's data.dir, or each of its data.sources)")
     parser.add_argument("--split", default="val", help="val: which split of the prepared data (default val)")
     parser.add_argument("--limit", type=int, default=0, help="hellaswag: score only the first N items (0 = all)")
     parser.add_argument("--batches", type=int, default=0, help="val: evaluate only this many batches (0 = the whole split)")
@@ -77,8 +77,10 @@ def run(args: argparse.Namespace) -> int:
             result = hellaswag(model, tokenizer, items, device)
         result["data"] = args.data
     else:
-        result = split_loss(model, tokenizer, args.data or cfg.data.dir, args.split, cfg.seq_len,
-                            args.micro_batch or cfg.train.micro_batch, args.batches, device, prec)
+        dirs = [args.data] if args.data else [source.dir for source in cfg.data.mixture()]
+        each = [split_loss(model, tokenizer, d, args.split, cfg.seq_len, args.micro_batch or cfg.train.micro_batch,
+                           args.batches, device, prec) for d in dirs]
+        result = each[0] if len(each) == 1 else {"sources": each}
     result.update(task=args.task, source=args.source, precision=prec, seconds=round(time.perf_counter() - t0, 2))
     if args.json:
         print(json.dumps(result, indent=2))
@@ -86,8 +88,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"hellaswag: accuracy {result['accuracy']:.4f} ({result['correct']}/{result['items']}, lowest mean loss "
               f"of the ending); by total loss {result['accuracy_sum']:.4f}; {args.data}")
     else:
-        print(f"val: loss {result['loss']:.4f}, perplexity {result['perplexity']:.2f} on {result['tokens']:,} tokens "
-              f"({result['sequences']} sequences of {cfg.seq_len}) of the '{args.split}' split of {result['data']}")
+        for r in result.get("sources", [result]):
+            print(f"val: loss {r['loss']:.4f}, perplexity {r['perplexity']:.2f} on {r['tokens']:,} tokens "
+                  f"({r['sequences']} sequences of {cfg.seq_len}) of the '{args.split}' split of {r['data']}")
     return 0
 
 

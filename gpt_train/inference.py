@@ -41,7 +41,7 @@ def load(source: str, device: str = "auto") -> Loaded:
     model = GPT(cfg.model)
     parallel.load_model_state(model, ckpt.model, ckpt.url)
     model.to(where).eval()
-    return Loaded(model, tokenizers.from_identity(ckpt.meta["tokenizer"], cfg.data.dir), cfg, where)
+    return Loaded(model, tokenizers.from_identity(ckpt.meta["tokenizer"], cfg.data.mixture()[0].dir), cfg, where)
 
 
 def load_hf(path: str, device: str = "auto") -> Loaded:

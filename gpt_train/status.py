@@ -197,6 +197,7 @@ def summarize(info: RunRecords, now: float | None = None) -> dict:
         "val_loss": None if not val else {"step": val[-1]["step"], "value": val[-1]["val_loss"]},
         "best_val_loss": min((m["val_loss"] for m in val), default=None),
         "val_bits_per_byte": val[-1].get("val_bpb") if val else None,
+        "val_sources": val[-1].get("val_sources") if val else None,  # a mixture's, by folder
         "tokens_per_s": train[-1].get("tokens_per_s") if train else None,
         "step_seconds": step_s,
         "mfu": train[-1].get("mfu") if train else None,
@@ -291,6 +292,9 @@ def format_report(r: dict) -> str:
         bpb = f", {r['val_bits_per_byte']:.3f} bits/byte" if r["val_bits_per_byte"] is not None else ""
         loss.append(f"val {r['val_loss']['value']:.4f}{bpb} (step {r['val_loss']['step']:,}, best {r['best_val_loss']:.4f})")
     lines.append("loss:       " + (", ".join(loss) or "-"))
+    for where, v in (r["val_sources"] or {}).items():
+        bpb = f", {v['val_bpb']:.3f} bits/byte" if v.get("val_bpb") is not None else ""
+        lines.append(f"  val {v['val_loss']:.4f}{bpb} on {where}")
     if r["tokens_per_s"] is not None:
         lines.append(f"speed:      {r['tokens_per_s']:,.0f} tokens/s, {r['step_seconds'] * 1000:,.0f} ms/step"
                      + (f", MFU {r['mfu']:.1%}" if r["mfu"] else ""))

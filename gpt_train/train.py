@@ -34,6 +34,7 @@ from gpt_train.errors import ConfigError, DataError, TrainingDiverged, UserError
 from gpt_train.evaluate import val_loss
 from gpt_train.faults import Faults, node_name
 from gpt_train.lease import Lease, RunDirBusy
+from gpt_train.mixture import Corpus
 from gpt_train.model import GPT
 from gpt_train.preemption import Preemption, slurm_end_time
 from gpt_train.preflight import NodeUnhealthy
@@ -61,14 +62,14 @@ def train(cfg: Config) -> int:
     p = cfg.preemption
     preempt = Preemption(p.signals, slurm_end_time(), p.deadline_margin_s, p.grace_s)  # first: a signal may come now
     world = distributed.detect_world()
-    meta = _data_meta(cfg, world)
-    cfg = resolve_vocab(cfg, meta["tokenizer"], cfg.data.dir)
+    corpus = _corpus(cfg, world)
+    cfg = resolve_vocab(cfg, corpus.tokenizer, corpus.tokenizer_dir)
     validate(cfg, world.world_size)
     device = distributed.pick_device(cfg.train.device, world)
     backend = distributed.init(world, device, cfg.distributed)
     trainer = None
     try:
-        trainer = Trainer(cfg, world, device, backend, meta)
+        trainer = Trainer(cfg, world, device, backend, corpus)
         rc = trainer.fit(preempt)
     except UserError:
         distributed.shutdown(clean=False)
@@ -94,13 +95,14 @@ def train(cfg: Config) -> int:
     return rc
 
 
-def _data_meta(cfg: Config, world: distributed.World) -> dict:
-    """The prepared data's description; the embedded default's data is prepared on first use."""
+def _corpus(cfg: Config, world: distributed.World) -> Corpus:
+    """The prepared data, described; the embedded default's data is prepared on first use."""
     if not world.distributed:
         from gpt_train.prepare import ensure_bundled
 
-        ensure_bundled(cfg.data.dir)
-    return data.read_meta(cfg.data.dir, cfg.data.format)
+        for source in cfg.data.mixture():
+            ensure_bundled(source.dir)
+    return Corpus(cfg.data)
 
 
 def _exit_recorded(code: int) -> None:
@@ -193,10 +195,11 @@ class StepResult:
 class Trainer:
     """One rank's training run: built from the config, resumed by its CheckpointManager, run by `fit`."""
 
-    def __init__(self, cfg: Config, world: distributed.World, device: torch.device, backend: str | None, meta: dict):
+    def __init__(self, cfg: Config, world: distributed.World, device: torch.device, backend: str | None,
+                 corpus: Corpus):
         self.cfg, self.world, self.device, self.backend = cfg, world, device, backend
         self.say = print if world.is_main else (lambda *a, **k: None)
-        self.data_meta = meta
+        self.corpus = corpus
         self._setup_numerics()
         self.store = Store(cfg.run_dir)
         self.lease, self.lease_note = self._hold_run_dir()
@@ -208,7 +211,7 @@ class Trainer:
             raise
 
     def _start(self) -> None:
-        cfg, world, meta = self.cfg, self.world, self.data_meta
+        cfg, world = self.cfg, self.world
         self.state = TrainState()
         self.ckpt: CheckpointManager | None = None
         self.watchdog: Watchdog | None = None
@@ -221,7 +224,7 @@ class Trainer:
         self.faults = Faults.from_env(world.rank, self.attempt)
         self.preflight = self._preflight() if cfg.fault.preflight else None
         self.ckpt = CheckpointManager(cfg.checkpoint, cfg.run_dir, world, log=self.say, about={
-            "config": to_dict(cfg), "tokenizer": meta["tokenizer"], "data_fingerprint": data.fingerprint(meta),
+            "config": to_dict(cfg), "tokenizer": self.corpus.tokenizer, "data_fingerprint": self.corpus.fingerprint(),
             "version": gpt_train.__version__,
             "git_commit": git_commit() if world.is_main else ""})
         found, init, self.start_note = self.ckpt.resume_point()
@@ -317,17 +320,20 @@ class Trainer:
     def _build(self, found: Checkpoint | None, init: Checkpoint | None) -> None:
         """Data, model (weights from the checkpoint, another run's, Hugging Face's or random), optimizer."""
         cfg, world, t = self.cfg, self.world, self.cfg.train
-        self.tokenizer = from_identity(self.data_meta["tokenizer"], cfg.data.dir)
+        corpus = self.corpus
+        self.tokenizer = from_identity(corpus.tokenizer, corpus.tokenizer_dir)
         cache = remote.cache_at(cfg.data.cache_dir, cfg.data.cache_gb)  # for a data.dir on object storage
-        self.train_split = data.Split(cfg.data.dir, "train", cfg.seq_len, cfg.data.format, cache)
-        self.val_split = data.Split(cfg.data.dir, "val", cfg.seq_len, cfg.data.format, cache)
-        if self.val_split.num_windows < world.world_size:  # each rank evaluates its share: none would be empty
-            raise DataError(f"the val split of '{cfg.data.dir}' has {self.val_split.num_windows} sequence(s) of "
-                            f"{cfg.seq_len} tokens, fewer than the {world.world_size} ranks: prepare it with a larger "
-                            "--val-fraction, or use a smaller train.seq_len")
+        self.train_splits = corpus.splits("train", cfg.seq_len, cache)
+        self.val_splits = corpus.splits("val", cfg.seq_len, cache)
+        for source, split in zip(corpus.sources, self.val_splits):
+            if split.num_windows < world.world_size:  # each rank evaluates its share: none would be empty
+                raise DataError(f"the val split of '{source.dir}' has {split.num_windows} sequence(s) of "
+                                f"{cfg.seq_len} tokens, fewer than the {world.world_size} ranks: prepare it with a "
+                                "larger --val-fraction, or use a smaller train.seq_len")
         self.micro_batch = micro_batch_for(cfg, world.world_size)
-        self.loader = data.Loader(self.train_split, t.seed, t.batch_tokens // cfg.seq_len, self.micro_batch,
-                                  world.rank, world.world_size, prefetch=True, pin=self.device.type == "cuda")
+        self.loader = data.Loader(corpus.stream(self.train_splits, t.seed), t.batch_tokens // cfg.seq_len,
+                                  self.micro_batch, world.rank, world.world_size, prefetch=True,
+                                  pin=self.device.type == "cuda", trace=os.environ.get(data.TRACE_VAR))
         torch.manual_seed(t.seed)  # the same initial weights on every rank
         self.raw_model = GPT(cfg.model)
         self.ckpt.attach(model=parallel.ModelState(self.raw_model))
@@ -347,7 +353,7 @@ class Trainer:
 
     def _announce(self) -> None:
         """Everything chosen, before the first step: a wrong choice is seen at once, not after the job."""
-        cfg, world, t, say, m = self.cfg, self.world, self.cfg.train, self.say, self.data_meta
+        cfg, world, t, say, m = self.cfg, self.world, self.cfg.train, self.say, self.corpus.metas[0]
         peak = self.peak
         accum = self.loader.accum_steps
         say(f"world: {world.describe()}, backend {self.backend or 'none'}"
@@ -359,7 +365,8 @@ class Trainer:
             f"{cfg.model.n_embd} wide, vocab {cfg.model.vocab_size} ({m['tokenizer']['name']})")
         bound = (f" (the most up to train.micro_batch={t.micro_batch} that divides a rank's share)"
                  if self.micro_batch != t.micro_batch else "")
-        say(f"data: {self.train_split.tokens:,} train / {self.val_split.tokens:,} val tokens in '{cfg.data.dir}'; "
+        train_tokens, val_tokens = (sum(s.tokens for s in splits) for splits in (self.train_splits, self.val_splits))
+        say(f"data: {train_tokens:,} train / {val_tokens:,} val tokens in {self.corpus.describe()}; "
             f"batch {t.batch_tokens:,} tokens = {self.micro_batch} seq{bound} x {cfg.seq_len} x {world.world_size} "
             f"rank(s) x {accum} accumulation step(s)")
         say(f"run: {cfg.run_dir} (id {self.state.run_id}, start {self.attempt}); {self.start_note}")
@@ -563,14 +570,19 @@ class Trainer:
     def _evaluate(self) -> float:
         t, s = self.cfg.train, self.state
         self.watchdog.progress("eval", s.step)
-        loss = val_loss(self.raw_model, self.val_split, t.eval_batches, t.micro_batch, self.world.rank,
-                        self.world.world_size, self.device, self.prec)
+        losses = [val_loss(self.raw_model, split, t.eval_batches, t.micro_batch, self.world.rank,
+                           self.world.world_size, self.device, self.prec) for split in self.val_splits]
+        bpbs = self.corpus.bits_per_byte(losses, "val")  # comparable across tokenizers
+        loss, bpb = self.corpus.overall(losses), self.corpus.overall(bpbs)
         s.best_val_loss = loss if s.best_val_loss is None else min(s.best_val_loss, loss)
-        bpb = data.bits_per_byte(loss, self.data_meta, "val")  # comparable across tokenizers
+        each = {src.dir: {"val_loss": lo, "val_bpb": b} for src, lo, b in zip(self.corpus.sources, losses, bpbs)}
         self.say(f"step {s.step:>6}/{t.max_steps} | val loss {loss:.4f} | best {s.best_val_loss:.4f}"
-                 + (f" | {bpb:.3f} bits/byte" if bpb is not None else ""), flush=True)
+                 + (f" | {bpb:.3f} bits/byte" if bpb is not None else "")
+                 + ("".join(f" | {where} {v['val_loss']:.4f}" for where, v in each.items()) if self.corpus.mixed else ""),
+                 flush=True)
         if self.log:
-            self.log.metric(step=s.step, val_loss=loss, val_bpb=bpb, tokens=s.tokens, time=time.time())
+            self.log.metric(step=s.step, val_loss=loss, val_bpb=bpb, tokens=s.tokens, time=time.time(),
+                            **({"val_sources": each} if self.corpus.mixed else {}))
         return loss
 
     def _sample(self) -> None:

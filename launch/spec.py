@@ -118,11 +118,14 @@ def build(config: str, overrides: list[str], *, nodes: int, ranks_per_node: int,
 
 def local_inputs(config_arg: str, cfg: Config) -> dict[str, str]:
     """Every local path the run reads, absolute, by what it is: the config file (a preset is inside the package),
-    data.dir, checkpoint.init_from and model.init_from. Relative paths are the job's working directory's, as in
-    the trainer. Left out: URLs, and the default preset's data folder while it holds no prepared data, since the
-    trainer prepares the bundled corpus there on first use (gpt_train.prepare.ensure_bundled)."""
+    data.dir (or every folder of data.sources), checkpoint.init_from and model.init_from. Relative paths are the
+    job's working directory's, as in the trainer. Left out: URLs, and the default preset's data folder while it
+    holds no prepared data, since the trainer prepares the bundled corpus there on first use
+    (gpt_train.prepare.ensure_bundled)."""
     found = {"config": config_arg} if os.path.isabs(config_arg) else {}
-    for key, value in (("data.dir", cfg.data.dir), ("checkpoint.init_from", cfg.checkpoint.init_from),
+    data_dirs = ([("data.dir", cfg.data.dir)] if not cfg.data.sources else
+                 [(f"data.sources[{i}]", source.dir) for i, source in enumerate(cfg.data.sources)])
+    for key, value in (*data_dirs, ("checkpoint.init_from", cfg.checkpoint.init_from),
                        ("model.init_from", cfg.model.init_from)):
         if value and is_local(value):
             found[key] = os.path.abspath(value.removeprefix("file://"))

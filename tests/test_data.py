@@ -9,7 +9,7 @@ from helpers import tiny_data  # noqa: F401
 
 def batch_rows(split, seed, global_batch, micro, world, steps):
     """Every sequence each step uses, in global order, gathered from all ranks."""
-    loaders = [data.Loader(split, seed, global_batch, micro, r, world) for r in range(world)]
+    loaders = [data.Loader(data.Shuffled(split, seed), global_batch, micro, r, world) for r in range(world)]
     out = []
     for _ in range(steps):
         rows = []
@@ -30,13 +30,13 @@ def test_token_stream_does_not_depend_on_rank_count(tiny_data):
 
 def test_targets_are_inputs_shifted_and_position_is_the_whole_state(tiny_data):
     split = data.Split(tiny_data, "train", 16)
-    loader = data.Loader(split, 1, 8, 4, 0, 1)
+    loader = data.Loader(data.Shuffled(split, 1), 8, 4, 0, 1)
     (x, y), _ = loader.next_batch()
     assert torch.equal(x[:, 1:], y[:, :-1])
     for _ in range(3):
         loader.next_batch()
     expected = loader.next_batch()
-    resumed = data.Loader(split, 1, 8, 4, 0, 1)
+    resumed = data.Loader(data.Shuffled(split, 1), 8, 4, 0, 1)
     resumed.next_sample = 4 * 8
     for (a, b), (c, d) in zip(expected, resumed.next_batch()):
         assert torch.equal(a, c) and torch.equal(b, d)
@@ -44,10 +44,10 @@ def test_targets_are_inputs_shifted_and_position_is_the_whole_state(tiny_data):
 
 def test_epochs_visit_every_window_once(tiny_data):
     split = data.Split(tiny_data, "train", 16)
-    loader = data.Loader(split, 3, 1, 1, 0, 1)
-    seen = [loader._window_of(k) for k in range(split.num_windows)]
+    stream = data.Shuffled(split, 3)
+    seen = [stream.window_of(k) for k in range(split.num_windows)]
     assert sorted(seen) == list(range(split.num_windows))
-    assert seen != [loader._window_of(k) for k in range(split.num_windows, 2 * split.num_windows)]
+    assert seen != [stream.window_of(k) for k in range(split.num_windows, 2 * split.num_windows)]
 
 
 def test_eval_batches_are_fixed_and_split_over_ranks(tiny_data):
@@ -89,12 +89,12 @@ def test_a_shard_shorter_than_meta_says_is_an_error_at_start(tmp_path, tiny_data
 
 def test_prefetching_reads_ahead_without_moving_the_position(tiny_data):
     split = data.Split(tiny_data, "train", 32)
-    plain = data.Loader(split, 7, 16, 4, 0, 1)
-    ahead = data.Loader(split, 7, 16, 4, 0, 1, prefetch=True)
+    plain = data.Loader(data.Shuffled(split, 7), 16, 4, 0, 1)
+    ahead = data.Loader(data.Shuffled(split, 7), 16, 4, 0, 1, prefetch=True)
     for _ in range(5):
         assert all(torch.equal(a, b) for pa, pb in zip(plain.next_batch(), ahead.next_batch()) for a, b in zip(pa, pb))
         assert ahead.state_dict() == plain.state_dict()  # the batch read ahead is not counted as consumed
-    resumed = data.Loader(split, 7, 16, 4, 0, 1, prefetch=True)
+    resumed = data.Loader(data.Shuffled(split, 7), 16, 4, 0, 1, prefetch=True)
     resumed.next_batch()  # reads ahead from position 16
     resumed.load_state_dict(ahead.state_dict())  # somewhere else: what was read ahead must not be used
     assert all(torch.equal(a, b) for pa, pb in zip(plain.next_batch(), resumed.next_batch()) for a, b in zip(pa, pb))

@@ -468,7 +468,7 @@ def test_env_reports_what_a_run_would_see(tmp_path, tiny_data):
     assert report["launcher"]["world_size"] == 1 and report["run"]["device"] == "cpu"
     assert report["communication"]["environment"]["NCCL_DEBUG"] == "INFO"
     assert report["communication"]["overridden"] == {"NCCL_IB_DISABLE": "0"}  # the config's value wins
-    assert report["run_dir"]["writable"] is True and report["data"]["ok"] is True and report["problems"] == []
+    assert report["run_dir"]["writable"] is True and report["data"][0]["ok"] is True and report["problems"] == []
     assert not run.exists()  # the probe leaves nothing behind
 
     slurm = {"SLURM_NTASKS": "4", "SLURM_PROCID": "2", "SLURM_LOCALID": "0", "SLURM_JOB_NUM_NODES": "2",
