@@ -25,7 +25,7 @@ import yaml
 from test_launch import section
 from test_slurm import jobs  # noqa: F401 (a fixture)
 
-from helpers import REPO, TINY, read_metrics, tiny_data  # noqa: F401
+from helpers import REPO, TINY, cli, read_metrics, tiny_data  # noqa: F401
 from launch import snapshot, submit
 from launch.slurm import Resources, script_text
 from launch.spec import JobSpec
@@ -440,6 +440,20 @@ def test_a_sweep_is_one_array_whose_tasks_requeue_alone_and_are_followed_up(slur
         assert followed[f"{then}_{i}"][-1]["Start"] >= trained[f"{array}_{i}"][-1]["End"], (followed, trained)
     kinds = [json.loads(ln)["event"] for ln in (sweep / names[3] / "events.jsonl").read_text().splitlines()]
     assert "preempted" in kinds and "resume" in kinds and kinds[-1] == "finish", kinds
+
+    # what the researcher reads in the morning: one table, and the stopped task's two attempts as one log
+    p = cli("runs", str(sweep), "--json")
+    assert p.returncode == 0, p.stderr
+    table = {Path(r["run"]).name: r for r in json.loads(p.stdout)}
+    assert sorted(table) == names and all(r["state"] == "finished" for r in table.values()), table
+    assert [table[n]["restart_causes"] for n in names] == [[], [], [], ["time limit"]], table  # USR2 under SLURM
+    p = cli("logs", str(sweep / names[3]))
+    assert p.returncode == 0, p.stderr
+    heads = [ln for ln in p.stdout.splitlines() if ln.startswith("--- attempt")]
+    assert heads[0] == "--- attempt 1, started at step 0 ---", p.stdout[-3000:]
+    assert re.fullmatch(r"--- attempt 2, resumed at step \d+ after: time limit \(SIGUSR2\) ---", heads[1]), heads
+    first, second = p.stdout.split(heads[1])
+    assert STEP_LINE.search(first) and STEP_LINE.search(second) and "step     30/30" in second, p.stdout[-3000:]
 
 
 @pytest.mark.slurm
