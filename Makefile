@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 CONFIG ?= default
 ARGS ?=
-DATA_DIR ?= data/moby-dick-bpe8k
+DATA_DIR ?= data/moby-dick-bpe16k
 PYTEST_ARGS ?=
 
 .PHONY: help install dev data train test bench gpu-check clean

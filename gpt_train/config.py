@@ -35,7 +35,7 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    dir: str = "data/moby-dick-bpe8k"  # output of `gpt-train prepare`: shards plus meta.json (docs/data.md)
+    dir: str = "data/moby-dick-bpe16k"  # output of `gpt-train prepare`: shards plus meta.json (docs/data.md)
     # the token files' format: auto (meta.json, else detected), or llm.c's .bin shards, nanoGPT's train.bin/val.bin
     format: str = field(default="auto", metadata={"choices": ("auto", "gpt-train", "llmc", "nanogpt")})
     # a data.dir on object storage (s3://, gs://) is read through a cache on local disk (docs/data.md): its bound,

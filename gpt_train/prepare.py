@@ -88,7 +88,7 @@ _PROTOCOL_NEEDS = {"hf": "huggingface_hub (and network access)", "s3": "s3fs", "
 
 # The default preset's vocabulary: a BPE learned from the bundled book beats GPT-2's 50257 ids there, whose
 # embedding would be most of a small model's parameters and CPU time (docs/reading-the-loss.md has the study).
-BUNDLED_VOCAB = 8192
+BUNDLED_VOCAB = 16384
 
 
 def bundled_corpus() -> str:

@@ -341,12 +341,12 @@ def test_default_data_folder_is_prepared_from_the_bundled_corpus_when_missing(tm
     said = []
     assert not P.ensure_bundled("data/other", say=said.append)  # only the default preset's folder
     assert not (tmp_path / "data").exists() and said == []
-    assert P.ensure_bundled("data/moby-dick-bpe8k", say=said.append)
-    assert len(said) == 1 and "bundled corpus" in said[0] and "data/moby-dick-bpe8k" in said[0]
-    meta = json.loads((tmp_path / "data" / "moby-dick-bpe8k" / "meta.json").read_text())
+    assert P.ensure_bundled("data/moby-dick-bpe16k", say=said.append)
+    assert len(said) == 1 and "bundled corpus" in said[0] and "data/moby-dick-bpe16k" in said[0]
+    meta = json.loads((tmp_path / "data" / "moby-dick-bpe16k" / "meta.json").read_text())
     assert meta["sources"][0]["path"] == P.bundled_corpus() and meta["splits"]["val"]["tokens"] > 0
     assert meta["tokenizer"]["name"] == "bpe" and meta["tokenizer"]["n_vocab"] == P.BUNDLED_VOCAB
-    assert not P.ensure_bundled("./data/moby-dick-bpe8k", say=said.append)  # prepared: nothing to do
+    assert not P.ensure_bundled("./data/moby-dick-bpe16k", say=said.append)  # prepared: nothing to do
     assert len(said) == 1
 
 
