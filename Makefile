@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 CONFIG ?= default
 ARGS ?=
-DATA_DIR ?= data/moby-dick
+DATA_DIR ?= data/moby-dick-bpe16k
 PYTEST_ARGS ?=
 
 .PHONY: help install dev data train test bench gpu-check clean
@@ -32,7 +32,7 @@ install: $(VENV)/.installed
 dev: $(VENV)/.dev
 
 $(DATA_DIR)/meta.json: $(VENV)/.installed gpt_train/assets/moby_dick.txt
-	$(PY) -m gpt_train prepare gpt_train/assets/moby_dick.txt --out $(DATA_DIR)
+	$(PY) -m gpt_train prepare --bundled --out $(DATA_DIR)
 
 data: $(DATA_DIR)/meta.json
 

@@ -25,7 +25,7 @@ GPUS ?= $(if $(shell command -v nvidia-smi 2>/dev/null),all,0)
 # under /app (relative) or the same absolute path, so a config's data.dir means the same thing inside and out.
 RUNS_DIR ?= runs
 CACHE_DIR ?= .cache
-DATA_DIR ?= data/moby-dick
+DATA_DIR ?= data/moby-dick-bpe16k
 DATA_MODE ?= ro
 # The repository's configs/ at /app/configs (read-only): CONFIG=configs/my.yaml works without a rebuild.
 CONFIGS_DIR ?= configs

@@ -46,7 +46,7 @@ class Source:
 
 @dataclass
 class DataConfig:
-    dir: str = "data/moby-dick"  # output of `gpt-train prepare`: shards plus meta.json (docs/data.md)
+    dir: str = "data/moby-dick-bpe16k"  # output of `gpt-train prepare`: shards plus meta.json (docs/data.md)
     # the token files' format: auto (meta.json, else detected), or llm.c's .bin shards, nanoGPT's train.bin/val.bin
     format: str = field(default="auto", metadata={"choices": DATA_FORMATS})
     # A mixture, in place of data.dir and data.format: samples drawn from each folder in proportion to its weight

@@ -20,6 +20,7 @@ Design choices, and why:
 - Each document is followed by <|endoftext|>, so the model sees where documents end.
 - The tokenizer is GPT-2's, or with --train-tokenizer a byte-level BPE learned (rustbpe) from the first ~1 GB
   of the same text before encoding, saved as DIR/tokenizer.bpe. Ids are uint16 when the vocabulary fits.
+  `--bundled` is the bundled book with a BPE of BUNDLED_VOCAB ids: the default preset's data.
 - Validation split: document k goes to val when floor((k+1)*f) > floor(k*f), i.e. every (1/f)-th document,
   spread over the corpus and independent of the number of workers. When the corpus has fewer than 1/f
   documents (a single book), no document qualifies; then val is the last f of the token stream instead (at
@@ -75,6 +76,7 @@ FORMAT = formats.META_FORMAT  # what gpt_train.data reads (it is not imported he
 DEFAULT_SHARD_TOKENS = 100_000_000  # 200 MB of uint16: few files, and training windows never cross a shard
 BLOCK_CHARS = 1 << 20  # read size, and the size of the pieces a long document is cut into
 ITEM_CHARS = 1 << 20  # text per task handed to a worker: large enough that per-task overhead is negligible
+VAL_FRACTION = 0.005
 TOKENIZER_TRAIN_CHARS = 1_000_000_000  # a BPE is trained on at most the first ~1 GB of text
 _COPY_TOKENS = 1 << 22  # tokens per read when moving the tail of train to val
 _STAGING = ".prepare-partial"
@@ -84,9 +86,20 @@ _PROTOCOL_NEEDS = {"hf": "huggingface_hub (and network access)", "s3": "s3fs", "
                    "gcs": "gcsfs"}
 
 
+# The default preset's vocabulary: a BPE learned from the bundled book beats GPT-2's 50257 ids there, whose
+# embedding would be most of a small model's parameters and CPU time (docs/reading-the-loss.md has the study).
+BUNDLED_VOCAB = 16384
+
+
 def bundled_corpus() -> str:
     """Moby Dick (1.2 MB, public domain), shipped so that the quickstart needs no download."""
     return str(Path(__file__).resolve().parent / "assets" / "moby_dick.txt")
+
+
+def prepare_bundled(out: str, *, workers: int | None = None, force: bool = False) -> dict:
+    """The bundled corpus as the default preset reads it; `make train`, the Docker image and `ensure_bundled`
+    all prepare it here, so that the tokenizer is chosen in one place."""
+    return prepare([bundled_corpus()], out, train_tokenizer=BUNDLED_VOCAB, workers=workers, force=force)
 
 
 def ensure_bundled(data_dir: str, say: Callable[[str], None] = print) -> bool:
@@ -99,8 +112,8 @@ def ensure_bundled(data_dir: str, say: Callable[[str], None] = print) -> bool:
     if (here / "meta.json").exists() or here.resolve() != Path(load_config("default").data.dir).resolve():
         return False
     say(f"{data_dir} holds no prepared data: preparing the bundled corpus into it "
-        f"(gpt-train prepare {bundled_corpus()} --out {data_dir})")
-    prepare([bundled_corpus()], str(here))
+        f"(gpt-train prepare --bundled --out {data_dir})")
+    prepare_bundled(str(here))
     return True
 
 
@@ -455,7 +468,7 @@ def _tokenize(items: Iterable[tuple[list, int]], tok: tokenizers.Tokenizer, writ
 # ---------------------------------------------------------------------------------------------------- command
 
 
-def prepare(inputs: list[str], out: str, *, val_fraction: float = 0.005, train_tokenizer: int | None = None,
+def prepare(inputs: list[str], out: str, *, val_fraction: float = VAL_FRACTION, train_tokenizer: int | None = None,
             strip_gutenberg: bool = False, shard_tokens: int = DEFAULT_SHARD_TOKENS, workers: int | None = None,
             force: bool = False, shard_format: str = formats.NATIVE) -> dict:
     """Tokenize `inputs` into the local directory `out` (see the module docstring); returns its meta.json.
@@ -730,7 +743,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="with INPUT: the shards to write, gpt-train (default) or llmc (llm.c's, which its "
                              "tools read too); with --index: the files to read, auto (default: detected), llmc or "
                              "nanogpt")
-    parser.add_argument("--val-fraction", type=float, default=0.005, metavar="F",
+    parser.add_argument("--val-fraction", type=float, default=VAL_FRACTION, metavar="F",
                         help="share of documents (or, with fewer than 1/F documents, of the tail) held out for "
                              "validation (default: %(default)s)")
     parser.add_argument("--train-tokenizer", type=int, metavar="VOCAB",
@@ -744,13 +757,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="encoding worker processes (default: one per core this process may use, at most one "
                              "per MB of input); 1 encodes on a single thread, with no processes to start")
     parser.add_argument("--force", action="store_true", help="redo the work even if the output is up to date")
+    parser.add_argument("--bundled", action="store_true",
+                        help=f"instead of INPUT: the bundled Moby-Dick with the default preset's tokenizer (a BPE "
+                             f"of {BUNDLED_VOCAB} ids learned from it), as `make train` prepares it")
 
 
 def run(args: argparse.Namespace) -> int:
     if args.index:
-        if args.inputs or args.out:
-            raise DataError("--index DIR reads the token files in DIR: give it no INPUT and no --out")
+        if args.inputs or args.out or args.bundled:
+            raise DataError("--index DIR reads the token files in DIR: give it no INPUT, --out or --bundled")
         index(args.index, args.format or "auto", force=args.force)
+        return 0
+    if args.bundled:
+        # The default preset expects exactly this data: an option that would change it is refused, not dropped.
+        changed = [flag for flag, given in (
+            ("INPUT", args.inputs), ("--train-tokenizer", args.train_tokenizer is not None),
+            ("--val-fraction", args.val_fraction != VAL_FRACTION), ("--strip-gutenberg", args.strip_gutenberg),
+            ("--shard-tokens", args.shard_tokens != DEFAULT_SHARD_TOKENS), ("--format", args.format)) if given]
+        if changed:
+            raise DataError(f"--bundled prepares the default preset's data, which {', '.join(changed)} would change: "
+                            f"give --bundled with --out (and --workers, --force) only, or the corpus ({bundled_corpus()}) as INPUT with your options")
+        if not args.out:
+            raise DataError("--bundled needs --out DIR")
+        prepare_bundled(args.out, workers=args.workers, force=args.force)
         return 0
     if not args.inputs or not args.out:
         raise DataError("give INPUT... and --out DIR (or --index DIR, for llm.c or nanoGPT token files)")

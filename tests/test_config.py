@@ -54,9 +54,9 @@ def test_batch_must_divide_over_ranks():
 
 def test_micro_batch_is_a_bound_that_divides_the_batch():
     from gpt_train.config import micro_batch_for
-    cfg = load_config("default")  # 16 sequences of 128 tokens, micro_batch 16
-    assert micro_batch_for(cfg, 1) == 16
-    assert micro_batch_for(cfg, 2) == 8  # 8 sequences per rank: one micro-batch of 8, not an error
+    cfg = load_config("default")  # 32 sequences of 128 tokens, micro_batch 32
+    assert micro_batch_for(cfg, 1) == 32
+    assert micro_batch_for(cfg, 2) == 16  # 16 sequences per rank: one micro-batch of 16, not an error
     cfg = load_config("gpt2", ["micro_batch=7"])  # 480 sequences: 7 does not divide them, 6 does
     assert micro_batch_for(cfg, 1) == 6
     assert micro_batch_for(load_config("gpt2", ["micro_batch=1"]), 8) == 1

@@ -80,11 +80,12 @@ def test_image_keeps_the_base_torch_and_installs_the_package(docker_engine, dock
     assert uid == str(IMAGE_UID) and cwd == "/app"          # the non-root user, in the app folder
     assert "-packages/gpt_train/" in package                # installed from the repo, not loose scripts
     files = docker_run(docker_engine, "--entrypoint", "sh", image, "-c",
-                       "ls /app/data/moby-dick; readlink /app/runs; ls -d /app/* | tr '\\n' ' '; "
+                       "ls /app/data/moby-dick-bpe16k; readlink /app/runs; ls -d /app/* | tr '\\n' ' '; "
                        "python3 -c 'import gpt_train.tokenizer as t, pathlib; "
                        "print(sorted(p.name for p in t._ASSETS.iterdir()))'")
     assert files.returncode == 0, output(files)
     assert "meta.json" in files.stdout and "/runs" in files.stdout and "encoder.json" in files.stdout
+    assert "tokenizer.bpe" in files.stdout                  # the default preset's vocabulary, learned at build time
     assert "/app/data /app/runs " in files.stdout            # nothing else from the repository
     meta = docker_engine.run("image", "inspect", image, "-f", "{{json .Config}}").stdout
     config = json.loads(meta)
@@ -287,10 +288,10 @@ def test_docker_run_dry_run_options(dry_env, tmp_path):
     assert not flag_values(argv, "--network") and flag_values(argv, "--name") == ["my-run"]
     assert not any("/run/secrets/aws" in v for v in flag_values(argv, "-v"))
     unset = {k: v for k, v in dry_env.items() if k not in ("WANDB_API_KEY", "GOOGLE_APPLICATION_CREDENTIALS")}
-    argv = dry_run(unset, "GPUS=0", "DATA_DIR=data/moby-dick")
+    argv = dry_run(unset, "GPUS=0", "DATA_DIR=data/moby-dick-bpe16k")
     # an unset variable is not passed (`-e NAME` would unset the image's value); a missing DATA_DIR is not mounted
     assert "WANDB_API_KEY" not in flag_values(argv, "-e") and "NCCL_DEBUG" not in flag_values(argv, "-e")
-    if not (REPO / "data" / "moby-dick").exists():
+    if not (REPO / "data" / "moby-dick-bpe16k").exists():
         assert not any(":/app/data/" in v for v in flag_values(argv, "-v"))
 
 

@@ -187,7 +187,7 @@ def test_presets_resolve_from_a_name_configs_and_config_paths(capsys, tmp_path, 
 
 
 def test_config_is_validated_for_the_job_world_size(capsys):
-    rc = submit.main(["--gpus", "3", "--gpu", "default", "--dry-run"])  # 2048 tokens = 16 x 128: not over 3 ranks
+    rc = submit.main(["--gpus", "3", "--gpu", "default", "--dry-run"])  # 4096 tokens = 32 x 128: not over 3 ranks
     assert rc == 2 and "train.batch_tokens" in capsys.readouterr().err
     rc = submit.main(["--gpu", "default", "optim.lrr=1", "--dry-run"])
     assert rc == 2 and "did you mean 'optim.lr'" in capsys.readouterr().err

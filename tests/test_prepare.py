@@ -311,6 +311,22 @@ def test_command_line(tmp_path, capsys):
         P.run(parser.parse_args([str(corpus), "--out", "s3://bucket/data"]))
 
 
+def test_bundled_is_the_default_presets_data_and_refuses_options_that_would_change_it(tmp_path):
+    parser = argparse.ArgumentParser()
+    P.add_arguments(parser)
+    assert P.run(parser.parse_args(["--bundled", "--out", str(tmp_path / "a"), "--workers", "1"])) == 0
+    P.prepare_bundled(str(tmp_path / "b"))
+    first, second = (json.loads((tmp_path / d / "meta.json").read_text()) for d in "ab")
+    assert first["tokenizer"] == second["tokenizer"] and first["tokenizer"]["n_vocab"] == P.BUNDLED_VOCAB  # one vocab
+    for extra, flag in ((["--val-fraction", "0.1"], "--val-fraction"), (["--train-tokenizer", "4096"], "--train-tokenizer"),
+                        ([P.bundled_corpus()], "INPUT"), (["--format", "llmc"], "--format")):
+        with pytest.raises(DataError, match=f"which {flag} would change"):
+            P.run(parser.parse_args(["--bundled", "--out", str(tmp_path / "c"), *extra]))
+    with pytest.raises(DataError, match="--bundled needs --out"):
+        P.run(parser.parse_args(["--bundled"]))
+    assert not (tmp_path / "c").exists()
+
+
 def test_training_reads_what_prepare_writes(tmp_path):
     data = pytest.importorskip("gpt_train.data")  # imports torch
     assert P.FORMAT == data.FORMAT
@@ -325,11 +341,12 @@ def test_default_data_folder_is_prepared_from_the_bundled_corpus_when_missing(tm
     said = []
     assert not P.ensure_bundled("data/other", say=said.append)  # only the default preset's folder
     assert not (tmp_path / "data").exists() and said == []
-    assert P.ensure_bundled("data/moby-dick", say=said.append)
-    assert len(said) == 1 and "bundled corpus" in said[0] and "data/moby-dick" in said[0]
-    meta = json.loads((tmp_path / "data" / "moby-dick" / "meta.json").read_text())
+    assert P.ensure_bundled("data/moby-dick-bpe16k", say=said.append)
+    assert len(said) == 1 and "bundled corpus" in said[0] and "data/moby-dick-bpe16k" in said[0]
+    meta = json.loads((tmp_path / "data" / "moby-dick-bpe16k" / "meta.json").read_text())
     assert meta["sources"][0]["path"] == P.bundled_corpus() and meta["splits"]["val"]["tokens"] > 0
-    assert not P.ensure_bundled("./data/moby-dick", say=said.append)  # prepared: nothing to do
+    assert meta["tokenizer"]["name"] == "bpe" and meta["tokenizer"]["n_vocab"] == P.BUNDLED_VOCAB
+    assert not P.ensure_bundled("./data/moby-dick-bpe16k", say=said.append)  # prepared: nothing to do
     assert len(said) == 1
 
 

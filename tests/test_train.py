@@ -140,8 +140,8 @@ def test_the_embedded_default_prepares_its_corpus_in_an_empty_folder(tmp_path):
     # After `pip install` there is no `make train`: `gpt-train train default` must work where it is run.
     result = cli("train", "default", "max_steps=2", "eval_batches=1", "sample_tokens=0", cwd=tmp_path, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "data/moby-dick holds no prepared data: preparing the bundled corpus into it" in result.stdout
-    assert (tmp_path / "data" / "moby-dick" / "meta.json").is_file() and "done: step 2" in result.stdout
+    assert "data/moby-dick-bpe16k holds no prepared data: preparing the bundled corpus into it" in result.stdout
+    assert (tmp_path / "data" / "moby-dick-bpe16k" / "meta.json").is_file() and "done: step 2" in result.stdout
 
 
 @pytest.mark.parametrize("log_interval", [1, 5])
