@@ -112,7 +112,7 @@ def test_config_forms_of_sources(tmp_path):
     (tmp_path / "c.yaml").write_text("extends: default\ndata:\n  sources:\n    - {dir: x, weight: 3, format: llmc}\n"
                                      "    - y:1\n")
     assert load_config(str(tmp_path / "c.yaml")).data.mixture() == [Source("x", 3.0, "llmc"), Source("y", 1.0)]
-    assert load_config("default").data.mixture() == [Source("data/moby-dick", 1.0, "auto")]
+    assert load_config("default").data.mixture() == [Source("data/moby-dick-bpe16k", 1.0, "auto")]
 
 
 def test_a_container_job_is_given_every_local_source(tmp_path):
