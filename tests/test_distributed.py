@@ -181,11 +181,11 @@ def test_a_batch_that_cannot_split_over_the_new_world_is_a_clear_error(tmp_path,
 
 
 def test_the_default_preset_runs_on_two_ranks_with_a_smaller_micro_batch(tmp_path, tiny_data):
-    # 2,048 tokens are 16 sequences of 128: 8 per rank, so micro-batches of 8 instead of the preset's 16
+    # 4,096 tokens are 32 sequences of 128: 16 per rank, so micro-batches of 16 instead of the preset's 32
     result = torchrun("train", "default", f"data.dir={tiny_data}", f"run_dir={tmp_path / 'run'}", "max_steps=2",
                       "eval_batches=2", "sample_tokens=0", timeout=240)
     out = ok(result)
-    assert ("batch 2,048 tokens = 8 seq (the most up to train.micro_batch=16 that divides a rank's share) x 128 x 2 "
+    assert ("batch 4,096 tokens = 16 seq (the most up to train.micro_batch=32 that divides a rank's share) x 128 x 2 "
             "rank(s) x 1 accumulation step(s)") in out
     assert "step      2/2" in out
 
