@@ -51,7 +51,7 @@ batch shell's "gpt-train: job J start K at DATE" line, whole seconds).
 Nothing here asserts a timing: the table says what this machine did once. The machine is likely shared (the
 test suites use the same cluster and cores), so the script prints the load and the other jobs that ran.
 
-    python benchmarks/goodput.py [--period 60] [--steps 250] [--duration 480] [--keep]
+    python benchmarks/goodput.py [--period 60] [--steps 1500] [--duration 900] [--keep]
 """
 
 from __future__ import annotations
@@ -375,9 +375,11 @@ def report(job: dict, starts: list[dict], totals: dict, args: argparse.Namespace
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--period", type=float, default=60.0, help="seconds between preemptions (default 60)")
-    parser.add_argument("--steps", type=int, default=250, help="train.max_steps (default 250)")
-    parser.add_argument("--duration", type=float, default=480.0,
-                        help="cancel the job after this many seconds if it has not finished (default 480)")
+    # 1500 steps: about 6 minutes on a quiet 2-core machine, enough for six preemptions to outweigh the one
+    # first start, crash and hang; a busy one runs into --duration and the tables cover what was recorded.
+    parser.add_argument("--steps", type=int, default=1500, help="train.max_steps (default 1500)")
+    parser.add_argument("--duration", type=float, default=900.0,
+                        help="cancel the job after this many seconds if it has not finished (default 900)")
     parser.add_argument("--keep", action="store_true", help="keep the run directory and the job's output")
     args = parser.parse_args()
 
