@@ -3,9 +3,9 @@
 GPT_TRAIN_SUPERVISOR_PID, GPT_TRAIN_CONTAINER, GPT_TRAIN_SLURM_JOB, GPT_TRAIN_CODE_*).
 
 Without a cluster: dry runs, the batch shells run in bash with stub SLURM commands, a local sweep. On the test
-cluster (pytest.mark.slurm, docs/testing.md): a 2x2 sweep as one array whose task with the array's own id is
-requeued alone and whose follow-ups wait for it; a job requeued after its checkout changed runs the submitted
-code; a job queued --after another starts after it.
+cluster (pytest.mark.slurm, docs/testing.md): a 2x2 sweep as one array, whose tasks a higher-priority job
+preempts (each is requeued alone, its follow-up waits for it, and `gpt-train runs` / `logs` tell the story); a
+job requeued after its checkout changed runs the submitted code; a job queued --after another starts after it.
 """
 
 from __future__ import annotations
@@ -401,8 +401,9 @@ def max_running(runs: dict[str, list[dict[str, str]]]) -> int:
 @pytest.mark.timeout(480)
 def test_a_sweep_is_one_array_whose_tasks_requeue_alone_and_are_followed_up(slurm_cluster, tiny_data, tmp_path,
                                                                            jobs):
-    """2 x 2 elements, at most 2 at a time. The last task, which SLURM gives the array's own id, is stopped by
-    USR2 (as before its time limit): its batch shell requeues that task alone, and its follow-up waits for it."""
+    """2 x 2 elements, at most 2 at a time. Once the last task (the one SLURM gives the array's own id) trains, a
+    job of the higher-priority partition takes the whole node: SLURM preempts every task running then, each
+    task's batch shell requeues that task alone, and each follow-up waits for its own task."""
     sweep, logs = tmp_path / "sweep", tmp_path / "logs"
     out = submit_slurm(slurm_cluster, tmp_path, "--log-dir", str(logs), "--run-dir", str(sweep), "--max-parallel",
                        "2", "--sweep", "optim.lr=1e-3,3e-3", "--sweep", "model.n_embd=32,64", "--then", STATUS,
@@ -411,25 +412,35 @@ def test_a_sweep_is_one_array_whose_tasks_requeue_alone_and_are_followed_up(slur
     then = re.search(r"^then: job (\d+) ", out, re.M).group(1)
     jobs += [array, then]
     names = ["lr=1e-3,n_embd=32", "lr=1e-3,n_embd=64", "lr=3e-3,n_embd=32", "lr=3e-3,n_embd=64"]
+    tasks = [f"{array}_{i}" for i in range(4)]
     for i, name in enumerate(names):
-        assert f"element {i}: job {array}_{i}, run_dir {sweep}/{name}, log {logs}/{array}_{i}/{array}_{i}_0_log.out" \
+        assert f"element {i}: job {tasks[i]}, run_dir {sweep}/{name}, log {logs}/{tasks[i]}/{tasks[i]}_0_log.out" \
             in out, out
     assert f"  gpt-train runs {sweep}" in out.splitlines()
 
-    last = f"{array}_3"
+    last = tasks[3]
     wait_steps(logs / last / f"{last}_0_log.out")
-    slurm_cluster.run("scancel", "--signal=USR2", last)
-    release(slurm_cluster, last)
+    urgent = slurm_cluster.sbatch("-p", "urgent", "--exclusive", "-J", "gt-urgent", "-o", os.devnull, wrap="sleep 1")
+    jobs.append(urgent)
+    assert slurm_cluster.wait_state(urgent, *TERMINAL, timeout=120) == "COMPLETED"  # it had the node to itself
+    # which tasks were running then (the other one may have finished before SLURM chose): those it requeued
+    preempted = [t for t in tasks if slurm_cluster.state(t) == "PENDING"]
+    assert last in preempted, (preempted, runs_of(slurm_cluster, array))
+    for task in preempted:
+        release(slurm_cluster, task)
     for i in range(4):
-        assert slurm_cluster.wait_state(f"{array}_{i}", *TERMINAL, timeout=240) == "COMPLETED", i
+        assert slurm_cluster.wait_state(tasks[i], *TERMINAL, timeout=240) == "COMPLETED", i
         assert slurm_cluster.wait_state(f"{then}_{i}", *TERMINAL, timeout=120) == "COMPLETED", i
 
     trained, followed = runs_of(slurm_cluster, array), runs_of(slurm_cluster, then)
-    assert [r["State"] for r in trained[last]] == ["REQUEUED", "COMPLETED"], trained
+    for task in tasks:  # a preempted task was requeued, and ran again under the same id
+        states = [r["State"] for r in trained[task]]
+        assert states == (["REQUEUED", "COMPLETED"] if task in preempted else ["COMPLETED"]), trained
+        if task in preempted:
+            log = (logs / task / f"{task}_0_log.out").read_text()
+            assert "the ranks checkpointed and exited 75: requeueing job" in log, log[-3000:]
     assert trained[last][0]["JobIDRaw"] == array  # the task whose own id is the array's
-    assert all([r["State"] for r in trained[f"{array}_{i}"]] == ["COMPLETED"] for i in range(3)), trained
     assert max_running(trained) == 2, trained
-    assert "the ranks checkpointed and exited 75: requeueing job" in (logs / last / f"{last}_0_log.out").read_text()
 
     for i, name in enumerate(names):
         run = sweep / name
@@ -438,20 +449,22 @@ def test_a_sweep_is_one_array_whose_tasks_requeue_alone_and_are_followed_up(slur
         assert (cfg["optim"]["lr"], cfg["model"]["n_embd"]) == ((1e-3, 3e-3)[i // 2], (32, 64)[i % 2])
         assert json.loads((run / "status.json").read_text())["finished"] is True
         assert followed[f"{then}_{i}"][-1]["Start"] >= trained[f"{array}_{i}"][-1]["End"], (followed, trained)
-    kinds = [json.loads(ln)["event"] for ln in (sweep / names[3] / "events.jsonl").read_text().splitlines()]
-    assert "preempted" in kinds and "resume" in kinds and kinds[-1] == "finish", kinds
+        kinds = [json.loads(ln)["event"] for ln in (run / "events.jsonl").read_text().splitlines()]
+        assert kinds == (["start", "preempted", "resume", "finish"] if tasks[i] in preempted else
+                         ["start", "finish"]), (name, kinds)
 
     # what the researcher reads in the morning: one table, and the stopped task's two attempts as one log
     p = cli("runs", str(sweep), "--json")
     assert p.returncode == 0, p.stderr
     table = {Path(r["run"]).name: r for r in json.loads(p.stdout)}
     assert sorted(table) == names and all(r["state"] == "finished" for r in table.values()), table
-    assert [table[n]["restart_causes"] for n in names] == [[], [], [], ["time limit"]], table  # USR2 under SLURM
+    assert [table[n]["restart_causes"] for n in names] == [["preempted"] if t in preempted else [] for t in tasks], \
+        table
     p = cli("logs", str(sweep / names[3]))
     assert p.returncode == 0, p.stderr
     heads = [ln for ln in p.stdout.splitlines() if ln.startswith("--- attempt")]
     assert heads[0] == "--- attempt 1, started at step 0 ---", p.stdout[-3000:]
-    assert re.fullmatch(r"--- attempt 2, resumed at step \d+ after: time limit \(SIGUSR2\) ---", heads[1]), heads
+    assert re.fullmatch(r"--- attempt 2, resumed at step \d+ after: preempted \(SIGTERM\) ---", heads[1]), heads
     first, second = p.stdout.split(heads[1])
     assert STEP_LINE.search(first) and STEP_LINE.search(second) and "step     30/30" in second, p.stdout[-3000:]
 
