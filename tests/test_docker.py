@@ -3,7 +3,8 @@
 With the real Docker engine (fixtures docker_engine / docker_base_image: a private dockerd and a local Debian + CPU
 torch base image, since no registry is reachable): `make docker-build BASE_IMAGE=<test base>` builds the image,
 `make docker-run GPUS=0` trains the embedded default in it as the non-root user with no network, into a mounted host
-folder, and a second run resumes there; torchrun runs two ranks; a code change rebuilds without reinstalling the
+folder, and a second run resumes there; torchrun runs two ranks; `launch/submit.py --backend docker` runs a
+named container that `gpt-train cancel` stops with a checkpoint; a code change rebuilds without reinstalling the
 dependencies. Without an engine: the command lines `make docker-run DRY_RUN=1` gives a GPU host (GPUS=4, all,
 0,2, 0), checked flag by flag and run through a stand-in `docker` to prove the printed line is the one that runs.
 What needs a GPU (--gpus, NCCL, the CUDA base image) is only checked as command lines here.
@@ -22,6 +23,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from helpers import tiny_data  # noqa: F401 (a fixture)
 
 REPO = Path(__file__).resolve().parent.parent
 IMAGE, TAG = "gpt-train-test", "pytest"
@@ -162,6 +165,51 @@ def test_entrypoint_dispatch(docker_engine, image):
     assert "--nnodes=2 --node-rank=1 --rdzv-backend=c10d --rdzv-endpoint=n1:29500 --signals-to-handle=" in multi.stdout
     assert multi.stdout.rstrip().endswith("--shutdown-timeout=150 -m gpt_train train gpt2"), output(multi)
     assert "--standalone" not in multi.stdout
+
+
+@pytest.mark.docker
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_cancel_stops_the_container_of_a_submitted_run_with_a_checkpoint(docker_engine, image, tiny_data, tmp_path):
+    """`launch/submit.py --backend docker` names its container and tells the ranks the name; `gpt-train cancel
+    RUN` runs `docker stop` on it: the ranks checkpoint at the next step, the container is gone (and with
+    --rm, removed), submit.py ends with the requeue code, and the table says stopped."""
+    run, logs = tmp_path / "run", tmp_path / "logs"
+    argv = [sys.executable, str(REPO / "launch" / "submit.py"), "--backend", "docker", "--cpu", "--image", image,
+            "--log-dir", str(logs), "--run-dir", str(run), "default", f"data.dir={tiny_data}", *TINY.split(),
+            "train.max_steps=100000", "checkpoint.interval=1000"]
+    sub = subprocess.Popen(argv, cwd=tmp_path, env=docker_engine.env, stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        metrics = run / "metrics.jsonl"
+        while not (metrics.exists() and '"loss"' in metrics.read_text()):
+            assert sub.poll() is None and time.monotonic() < deadline, "no step logged"
+            time.sleep(0.5)
+        start = json.loads((run / "events.jsonl").read_text().splitlines()[0])
+        name = start["container"]
+        assert start["launcher"] == "docker" and re.fullmatch(r"gpt-train-default-[0-9a-f]{6}", name), start
+        assert docker_engine.run("inspect", "-f", "{{.State.Running}}", name).stdout.strip() == "true"
+        c = subprocess.run([sys.executable, "-m", "gpt_train", "cancel", str(run), "--wait", "180"],
+                           capture_output=True, text=True, env=docker_engine.env, timeout=300)
+        assert c.returncode == 0, c.stdout + c.stderr
+        assert f"ran docker stop {name}" in c.stdout and "with a checkpoint" in c.stdout, c.stdout
+        out = sub.communicate(timeout=120)[0]
+    finally:
+        if sub.poll() is None:
+            sub.kill()
+    assert sub.returncode == 75, out[-3000:]
+    assert "the run checkpointed and stopped (exit 75)" in out
+    assert docker_engine.run("ps", "-aq", "--filter", f"name={name}").stdout.strip() == ""
+    events = [json.loads(line) for line in (run / "events.jsonl").read_text().splitlines()]
+    assert [e["event"] for e in events] == ["start", "preempted", "cancelled"], events
+    stop = events[1]
+    assert stop["cause"] == "SIGTERM" and stop["checkpoint_landed"] is True and events[2]["step"] == stop["step"]
+    assert (run / "checkpoints" / f"step-{stop['step']:08d}" / "MANIFEST.json").exists()
+    p = subprocess.run([sys.executable, "-m", "gpt_train", "runs", str(run), "--json"], capture_output=True,
+                       text=True, env=docker_engine.env, timeout=120)
+    (row,) = json.loads(p.stdout)
+    assert row["state"] == "stopped (cancelled)" and row["launcher"] == "docker", row
 
 
 @pytest.mark.docker
