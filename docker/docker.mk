@@ -36,6 +36,11 @@ SHM_SIZE ?= 16g
 NETWORK ?= host
 # Seconds `docker stop` waits after SIGTERM before SIGKILL: the run checkpoints at the next step and exits.
 STOP_TIMEOUT ?= 180
+# The container's name, also given to the ranks (GPT_TRAIN_CONTAINER), who record it in the run's start event:
+# that is how `gpt-train cancel RUN` finds the container to stop and `gpt-train runs` tells whether it still
+# runs. Drawn once per make call, so the flag and the variable agree. DOCKER_NAME= leaves it unnamed.
+_name_suffix := $(shell od -An -N3 -tx1 /dev/urandom 2>/dev/null | tr -d ' \n')
+DOCKER_NAME ?= gpt-train-$(_name_suffix)
 # GPU hosts: unlimited locked memory (NCCL, pinned host buffers, RDMA) and a 64 MB stack (NVIDIA's advice for
 # their PyTorch containers). Not on CPU: raising memlock needs CAP_SYS_RESOURCE, which some hosts' root lacks.
 GPU_ULIMITS ?= memlock=-1 stack=67108864
@@ -98,6 +103,7 @@ _docker_run = $(DOCKER) run --rm --init \
   $(foreach u,$(_ulimits),--ulimit $(call _q,$(u))) \
   $(if $(strip $(NETWORK)),--network=$(call _q,$(strip $(NETWORK)))) \
   --stop-timeout=$(call _q,$(STOP_TIMEOUT)) \
+  $(if $(strip $(DOCKER_NAME)),--name=$(call _q,$(strip $(DOCKER_NAME))) -e $(call _q,GPT_TRAIN_CONTAINER=$(strip $(DOCKER_NAME)))) \
   $(if $(strip $(DOCKER_USER)),--user=$(call _q,$(strip $(DOCKER_USER)))) \
   -v $(call _q,$(call _abs,$(RUNS_DIR)):/runs) \
   -v $(call _q,$(call _abs,$(CACHE_DIR)):/cache) \

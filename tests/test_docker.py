@@ -113,6 +113,8 @@ def test_make_docker_run_trains_offline_as_non_root_and_resumes(docker_engine, i
     assert "no GPU visible: training in one process on CPU" in log
     assert "no checkpoint found: starting fresh" in log and "done: step 2" in log
     run_dir = runs / "default"                               # run_dir runs/default -> /app/runs -> /runs
+    start = json.loads((run_dir / "events.jsonl").read_text().splitlines()[0])
+    assert start["launcher"] == "docker" and re.fullmatch(r"gpt-train-[0-9a-f]{6}", start["container"]), start
     ckpt = run_dir / "checkpoints" / "step-00000002"
     assert ckpt.is_dir() and (run_dir / "metrics.jsonl").is_file()
     owner = IMAGE_UID if os.geteuid() == 0 else os.geteuid()   # make runs a non-root caller as itself
@@ -320,6 +322,8 @@ def test_docker_run_dry_run_flags(dry_env, gpus, device, nproc):
     assert "/scratch/my_runs:/runs" in mounts and f"{REPO}/.cache:/cache" in mounts
     assert f"{REPO}/configs:/app/configs:ro" in mounts
     assert flag_values(argv, "--network") == ["host"] and flag_values(argv, "--stop-timeout") == ["180"]
+    (name,) = flag_values(argv, "--name")  # drawn per call; the ranks record it, so gpt-train cancel finds it
+    assert re.fullmatch(r"gpt-train-[0-9a-f]{6}", name) and f"GPT_TRAIN_CONTAINER={name}" in envs
     assert argv[-4:] == ["registry.example/gpt-train:v1", "gpt2", "train.max_steps=10", "optim.lr=3e-4"]
     # anyone runs as themselves; root as the owner of the working directory (launch/local.py container_user)
     owner = REPO.stat() if os.geteuid() == 0 else None
@@ -330,10 +334,13 @@ def test_docker_run_dry_run_options(dry_env, tmp_path):
     data = tmp_path / "datasets"
     data.mkdir()
     argv = dry_run(dry_env, "GPUS=0", "IPC=", "SHM_SIZE=32g", f"DATA_DIR={data}", "NETWORK=", "AWS_DIR=",
-                   "DOCKER_RUN_FLAGS=--name my-run")
+                   "DOCKER_NAME=my-run", "DOCKER_RUN_FLAGS=--label team=nlp")
     assert flag_values(argv, "--shm-size") == ["32g"] and not flag_values(argv, "--ipc")
     assert f"{data}:{data}:ro" in flag_values(argv, "-v")     # absolute DATA_DIR: the same path inside
     assert not flag_values(argv, "--network") and flag_values(argv, "--name") == ["my-run"]
+    assert "GPT_TRAIN_CONTAINER=my-run" in flag_values(argv, "-e") and flag_values(argv, "--label") == ["team=nlp"]
+    unnamed = dry_run(dry_env, "GPUS=0", "DOCKER_NAME=")
+    assert not flag_values(unnamed, "--name") and not any("GPT_TRAIN_CONTAINER" in e for e in unnamed)
     assert not any("/run/secrets/aws" in v for v in flag_values(argv, "-v"))
     unset = {k: v for k, v in dry_env.items() if k not in ("WANDB_API_KEY", "GOOGLE_APPLICATION_CREDENTIALS")}
     argv = dry_run(unset, "GPUS=0", "DATA_DIR=data/moby-dick-bpe16k")
@@ -381,7 +388,7 @@ def test_dry_run_prints_exactly_what_runs(dry_env, tmp_path):
                     f"open('{tmp_path}/argv.json', 'w'))\" \"$@\"\n")
     fake.chmod(0o755)
     args = ["GPUS=0,1", f"RUNS_DIR={tmp_path / 'runs'}", f"CACHE_DIR={tmp_path / 'cache'}",
-            "ARGS=train.sample_prompt=It's;&|<x> run_dir=runs/a*b"]
+            "ARGS=train.sample_prompt=It's;&|<x> run_dir=runs/a*b", "DOCKER_NAME=gt-exact"]  # else drawn per call
     printed = dry_run(dry_env, *args)
     p = make("docker-run", *DRY_DEFAULTS, *args, f"DOCKER={fake}", env=dry_env)
     assert p.returncode == 0, output(p)
