@@ -212,6 +212,25 @@ ALIASES = {
     "dtype": "train.precision",
     "out_dir": "run_dir",
     "dataset": "data.dir",
+    "wandb_project": "logging.project",
+    "wandb_run_name": "logging.name",
+}
+
+# nanoGPT's keys that name no one key here, with what to write instead: said in place of "unknown key", so that
+# a command line from nanoGPT fails with its translation rather than with a guess.
+TRANSLATIONS = {
+    "gradient_accumulation_steps": "the batch is set in tokens per optimizer step for all ranks together: "
+                                   "train.batch_tokens = gradient_accumulation_steps x batch_size x block_size; the "
+                                   "accumulation steps follow from it, train.micro_batch and the number of ranks",
+    "init_from": "nanoGPT's init_from=resume is checkpoint.resume=auto (the default), scratch is "
+                 "checkpoint.resume=none; to start from other weights use model.init_from=DIR (a Hugging Face "
+                 "folder) or checkpoint.init_from=PATH (a gpt-train checkpoint or run directory)",
+    "wandb_log": "use logging.wandb=online (or offline, or auto: online when an API key is at hand)",
+    "eval_only": "run gpt-train eval --task val RUN_DIR instead (it evaluates the newest checkpoint)",
+    "always_save_checkpoint": "every checkpoint.interval steps a checkpoint is saved whatever the val loss; "
+                              "checkpoint.keep_last and checkpoint.keep_best choose which are kept",
+    "decay_lr": "the learning rate always follows warmup and cosine; schedule.min_lr equal to optim.lr with "
+                "schedule.warmup_steps=0 keeps it constant",
 }
 
 
@@ -240,6 +259,8 @@ def resolve_key(key: str) -> str:
         return key
     if key in ALIASES:
         return ALIASES[key]
+    if key in TRANSLATIONS:
+        raise ConfigError(f"config key '{key}' is nanoGPT's: {TRANSLATIONS[key]}")
     owners = _BY_LEAF_NAME.get(key, [])
     if len(owners) == 1:
         return owners[0]

@@ -18,6 +18,9 @@ def test_overrides_dotted_unique_leaf_and_alias():
     cfg = load_config("gpt2", ["optim.lr=3e-4", "compile=false", "max_iters=10", "batch_size=8"])
     assert cfg.optim.lr == 3e-4 and cfg.train.compile is False
     assert cfg.train.max_steps == 10 and cfg.train.micro_batch == 8
+    cfg = load_config("gpt2", ["wandb_project=owt", "wandb_run_name=gpt2-124M", "min_lr=6e-4", "warmup_iters=0"])
+    assert (cfg.logging.project, cfg.logging.name) == ("owt", "gpt2-124M")
+    assert cfg.schedule.min_lr == cfg.optim.lr and cfg.schedule.warmup_steps == 0  # decay_lr=False, translated
 
 
 @pytest.mark.parametrize("override, message", [
@@ -37,6 +40,11 @@ def test_overrides_dotted_unique_leaf_and_alias():
     ("deterministic=maybe", "config key 'train.deterministic' expects bool"),
     ("n_head=7", "must be divisible by model.n_head"),
     ("lr", "must look like key=value"),
+    # nanoGPT's keys that name no one key here: their translation, not a guess
+    ("gradient_accumulation_steps=40", "train.batch_tokens = gradient_accumulation_steps x batch_size x block_size"),
+    ("init_from=resume", "init_from=resume is checkpoint.resume=auto"),
+    ("wandb_log=True", "use logging.wandb=online"),
+    ("decay_lr=False", "schedule.min_lr equal to optim.lr"),
 ])
 def test_bad_values_name_the_key(override, message):
     with pytest.raises(ConfigError) as e:
