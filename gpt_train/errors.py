@@ -27,3 +27,7 @@ class StorageError(UserError):
 
 class TrainingDiverged(UserError):
     """The loss or the weights stopped being finite: retrying the same settings would diverge again."""
+
+
+class OutOfMemory(UserError):
+    """The model or a micro-batch does not fit in the device's memory: the same settings would fail again."""

@@ -17,6 +17,7 @@ import argparse
 import contextlib
 import math
 import os
+import re
 import subprocess
 import sys
 import time
@@ -30,7 +31,7 @@ from gpt_train import collectives, data, distributed, optim, parallel, precision
 from gpt_train.checkpoint import Checkpoint, CheckpointManager
 from gpt_train.config import Config, dump, load_config, micro_batch_for, resolve_vocab, to_dict, validate
 from gpt_train.config import warnings as config_warnings
-from gpt_train.errors import ConfigError, DataError, TrainingDiverged, UserError
+from gpt_train.errors import ConfigError, DataError, OutOfMemory, TrainingDiverged, UserError
 from gpt_train.evaluate import val_loss
 from gpt_train.faults import Faults, node_name
 from gpt_train.lease import Lease, RunDirBusy
@@ -78,6 +79,12 @@ def train(cfg: Config) -> int:
         distributed.shutdown(clean=False)
         return protocol.EXIT_BAD_NODE
     except Exception as e:
+        oom = out_of_memory(e, cfg, world, device, built=trainer is not None)
+        if oom:
+            if trainer:
+                trainer.record_crash(e, exit_code=oom.exit_code)
+            distributed.shutdown(clean=False)
+            raise oom from None
         traceback.print_exc()
         print(f"gpt-train train: rank {world.rank}/{world.world_size} failed; leaving the process group without "
               "waiting for the other ranks", file=sys.stderr, flush=True)
@@ -93,6 +100,33 @@ def train(cfg: Config) -> int:
             trainer.close()
     distributed.shutdown(clean=True)
     return rc
+
+
+def out_of_memory(error: BaseException, cfg: Config, world: distributed.World, device: torch.device,
+                  built: bool) -> OutOfMemory | None:
+    """What to change when the device ran out of memory (CUDA's OutOfMemoryError, or the CPU allocator's
+    RuntimeError), else None: a restart with the same settings would only fail again. BUILT: whether the model
+    and its optimizer were in place, so that a step or an evaluation ran out, not the model itself."""
+    text = str(error)
+    if not (isinstance(error, torch.OutOfMemoryError) or
+            (isinstance(error, RuntimeError) and "can't allocate memory" in text)):
+        return None
+    asked = re.search(r"tried to allocate (\d+) bytes", text)  # the CPU allocator's message is one long line
+    what = f"could not allocate {int(asked[1]) / 1e9:.1f} GB" if asked else next(iter(text.strip().splitlines()), "")
+    if built:
+        micro, seq = micro_batch_for(cfg, world.world_size), cfg.seq_len
+        advice = [f"lower train.micro_batch (now {cfg.train.micro_batch}; each forward holds {micro} sequences of "
+                  f"{seq} tokens per rank, and {max(1, micro // 2)} would halve the activations): train.batch_tokens "
+                  f"({cfg.train.batch_tokens:,}) stays the same, in more accumulation steps"]
+        if device.type == "cuda" and cfg.train.precision == "fp32":
+            advice.append("train.precision=bf16 halves them again")
+    else:
+        m = cfg.model
+        advice = [f"the model ({m.n_layer} layers x {m.n_embd} wide) with its gradients and AdamW state does not "
+                  "fit: choose a smaller one"]
+    if world.world_size > 1 and cfg.distributed.strategy == "ddp":
+        advice.append("distributed.strategy=fsdp shards the weights and the optimizer state over the ranks")
+    return OutOfMemory(f"out of memory on {device} (rank {world.rank}): {what[:300]}. To fit, " + "; ".join(advice))
 
 
 def _corpus(cfg: Config, world: distributed.World) -> Corpus:
@@ -649,14 +683,14 @@ class Trainer:
             f"(now {self.cfg.schedule.warmup_steps}) or clip gradients (optim.grad_clip, now {o.grad_clip:g}), then "
             "start again: the run resumes from that checkpoint")
 
-    def record_crash(self, error: BaseException) -> None:
+    def record_crash(self, error: BaseException, exit_code: int = 1) -> None:
         """Rank 0's end record of an attempt that an exception ended (here or, seen as a failed collective, on
         another rank): the restart policy and `status` read it."""
         if not self.log:
             return
         line = next(iter(str(error).strip().splitlines()), "")
         self.log.event("crash", step=self.state.step, cause=f"{type(error).__name__}: {line}"[:500],
-                       rank=self.world.rank, exit_code=1)
+                       rank=self.world.rank, exit_code=exit_code)
         self.log.close()
         self.log = None
 

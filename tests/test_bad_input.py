@@ -4,6 +4,7 @@ checkpoint that loads into nonsense is skipped like a corrupt one."""
 import hashlib
 import io
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -33,6 +34,46 @@ def test_preemption_signal_that_cannot_be_handled(tmp_path, tiny_data, signals, 
     result = cli(*train_args(tiny_data, str(tmp_path / "run"), "max_steps=2", f"preemption.signals={signals}"))
     one_line_error(result, "preemption.signals", *fragments)
     assert "model:" not in result.stdout and not (tmp_path / "run").exists()
+
+
+# -- memory ----------------------------------------------------------------------------------------------
+
+def _limited(gigabytes: int):
+    """For preexec_fn: the address space capped, so that the real allocator fails as it would on a small device."""
+    import resource
+
+    def apply() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (gigabytes << 30, gigabytes << 30))
+    return apply
+
+
+@pytest.mark.parametrize("overrides, fragments, started", [
+    # 256 sequences of 256 tokens in one forward: the logits alone are 13 GB
+    (["model.block_size=256", "train.batch_tokens=65536", "train.micro_batch=256"],
+     ["lower train.micro_batch (now 256; each forward holds 256 sequences of 256 tokens per rank, and 128 would halve",
+      "train.batch_tokens (65,536) stays the same"], True),
+    # 6 billion parameters: the weights alone are 25 GB, before the run has started
+    (["model.n_layer=8", "model.n_head=64", "model.n_embd=8192"],
+     ["the model (8 layers x 8192 wide) with its gradients and AdamW state does not fit"], False),
+])
+def test_out_of_memory_says_what_to_lower_and_is_not_retried(tmp_path, tiny_data, overrides, fragments, started):
+    """The CPU allocator's real failure under an 8 GB address-space limit: one line naming the allocation and
+    the key to change, the user-error exit code (a restart would only fail again), for a started run a crash
+    event with that code, and no checkpoint."""
+    import subprocess
+    import sys
+
+    run = tmp_path / "run"
+    argv = [sys.executable, "-m", "gpt_train", *train_args(tiny_data, str(run), "max_steps=2", *overrides)]
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=300, preexec_fn=_limited(8),
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    line = one_line_error(result, "out of memory on cpu (rank 0): could not allocate", "GB. To fit, ", *fragments)
+    assert "can't allocate" not in line and result.returncode == 2, line
+    if started:
+        events = [json.loads(ln) for ln in (run / "events.jsonl").read_text().splitlines()]
+        assert [e["event"] for e in events] == ["start", "crash"] and events[1]["exit_code"] == 2, events
+        assert "can't allocate memory" in events[1]["cause"]
+    assert not list(run.glob("checkpoints/step-*"))
 
 
 # -- prepared data ---------------------------------------------------------------------------------------
