@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -11,6 +14,7 @@ from gpt_train import inference, tokenizer
 from gpt_train.config import Config, ModelConfig
 from gpt_train.model import GPT
 from gpt_train.sampling import _filter_logits, add_arguments, run, sample
+from helpers import REPO, tiny_data, train_args  # noqa: F401 (tiny_data: a fixture)
 
 VOCAB, BLOCK = 50, 16
 
@@ -174,3 +178,17 @@ def test_cli_samples_from_hugging_face_dir(monkeypatch, tmp_path, capsys):
     assert run(_parse(["--hf", str(tmp_path), "--prompt", "", "--max-new-tokens", "3", "--device", "cpu"])) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == "----- sample 1 -----" and len(lines) == 2
+
+
+def test_the_readme_python_example_runs_on_a_trained_run(tmp_path, tiny_data, monkeypatch, capsys):
+    """The README's snippet, as written, on a run trained by the CLI into runs/default of the working folder."""
+    done = subprocess.run([sys.executable, "-m", "gpt_train", *train_args(tiny_data, "runs/default", "max_steps=2")],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    (snippet,) = re.findall(r"```python\n(.*?)```", (REPO / "README.md").read_text(), re.S)
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(snippet, "README.md", "exec"), namespace)
+    ids, loaded = namespace["ids"], namespace["m"]
+    assert len(ids) == 40 and all(0 <= i < loaded.model.cfg.vocab_size for i in ids)
+    assert capsys.readouterr().out == loaded.tokenizer.decode(ids) + "\n"
