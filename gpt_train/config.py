@@ -33,7 +33,7 @@ class ModelConfig:
     init_from: str = ""  # "" = random init; else a local Hugging Face GPT-2 directory (safetensors)
 
 
-DATA_FORMATS = ("auto", "gpt-train", "llmc", "nanogpt")
+DATA_FORMATS = ("auto", "gpt-train", "llmc", "nanogpt", "npy")  # formats.CHOICES, without importing numpy
 
 
 @dataclass

@@ -28,8 +28,8 @@ TRACE_VAR = "GPT_TRAIN_TRACE_BATCHES"  # tests: a folder where each rank records
 
 
 def read_meta(data_dir: str, data_format: str = "auto") -> dict:
-    """The description of a data directory: its meta.json, or, where it has none, that of the llm.c or nanoGPT
-    token files in it (`data_format` auto or llmc or nanogpt; gpt-train needs a meta.json). A named format
+    """The description of a data directory: its meta.json, or, where it has none, that of the llm.c, nanoGPT or
+    build-nanogpt token files in it (`data_format` auto, llmc, nanogpt or npy; gpt-train needs a meta.json). A named format
     must be what the directory holds."""
     if data_format not in formats.CHOICES:
         raise DataError(f"data.format {data_format!r} is none of {', '.join(formats.CHOICES)}")
@@ -43,8 +43,8 @@ def read_meta(data_dir: str, data_format: str = "auto") -> dict:
             found = formats.detect(root) if data_format == "auto" else data_format
             if found in (None, formats.NATIVE):
                 raise DataError(f"no prepared data in '{data_dir}' (missing {path.name}): run `gpt-train prepare "
-                                f"INPUT... --out {data_dir}`, or `gpt-train prepare --index {data_dir}` for llm.c or "
-                                "nanoGPT token files")
+                                f"INPUT... --out {data_dir}`, or `gpt-train prepare --index {data_dir}` for llm.c, "
+                                "nanoGPT or build-nanogpt token files")
             return formats.describe(root, found)
         text = path.read_text()
     try:

@@ -546,21 +546,22 @@ def _build(sources: list[Source], out_dir: Path, wanted: dict, workers: int, sha
 
 
 def index(data_dir: str, data_format: str = "auto", force: bool = False) -> dict:
-    """Write the meta.json of the llm.c or nanoGPT token files in `data_dir`, which stay as they are; returns it.
+    """Write the meta.json of the llm.c, nanoGPT or build-nanogpt (.npy) token files in `data_dir`, which stay as
+    they are; returns it.
 
     Training could read them without it (gpt_train.data describes them from their headers at each start); what
     this adds takes a read of every token, once: the largest id of each split, checked against the vocabulary,
     and its bytes of text, counted by decoding (the byte length of each id), for bits per byte."""
-    if data_format not in ("auto", formats.LLMC, formats.NANOGPT):
-        raise DataError(f"--index reads {formats.LLMC} or {formats.NANOGPT} token files (or detects which: auto), "
-                        f"not --format {data_format}")
+    if data_format not in ("auto", formats.LLMC, formats.NANOGPT, formats.NPY):
+        raise DataError(f"--index reads {formats.LLMC}, {formats.NANOGPT} or {formats.NPY} token files (or detects "
+                        f"which: auto), not --format {data_format}")
     if "://" in data_dir and not data_dir.startswith("file://"):
         raise DataError(f"--index needs a local directory (training memory-maps the files), got '{data_dir}'")
     root = Path(data_dir.removeprefix("file://")).expanduser()
     found = formats.detect(root) if data_format == "auto" else data_format
     if found is None:
-        raise DataError(f"'{root}' holds no llm.c shards (*_train_*.bin, *_val_*.bin) and no nanoGPT train.bin and "
-                        "val.bin to index")
+        raise DataError(f"'{root}' holds no llm.c shards (*_train_*.bin, *_val_*.bin), no nanoGPT train.bin and "
+                        "val.bin and no build-nanogpt shards (*_train_*.npy, *_val_*.npy) to index")
     meta = formats.describe(root, found)
     before = None if force else _indexed(root, meta)
     if before:
@@ -737,12 +738,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(column 'text'): paths, directories, globs or URLs (s3://, gs://, hf://datasets/...)")
     parser.add_argument("--out", metavar="DIR", help="local output directory")
     parser.add_argument("--index", metavar="DIR",
-                        help="instead of tokenizing: write DIR/meta.json for the llm.c shards or nanoGPT train.bin "
-                             "and val.bin in DIR (GPT-2 ids), which are read in place, never rewritten")
+                        help="instead of tokenizing: write DIR/meta.json for the llm.c shards, nanoGPT train.bin "
+                             "and val.bin, or build-nanogpt .npy shards in DIR (GPT-2 ids), which are read in place, "
+                             "never rewritten")
     parser.add_argument("--format", choices=formats.CHOICES, metavar="FORMAT",
                         help="with INPUT: the shards to write, gpt-train (default) or llmc (llm.c's, which its "
-                             "tools read too); with --index: the files to read, auto (default: detected), llmc or "
-                             "nanogpt")
+                             "tools read too); with --index: the files to read, auto (default: detected), llmc, "
+                             "nanogpt or npy")
     parser.add_argument("--val-fraction", type=float, default=VAL_FRACTION, metavar="F",
                         help="share of documents (or, with fewer than 1/F documents, of the tail) held out for "
                              "validation (default: %(default)s)")

@@ -129,3 +129,9 @@ def test_suspicious_but_legal_settings_are_warnings_naming_the_keys():
     assert len(warnings(load_config("default", ["max_steps=10", "warmup_steps=100", "decay_steps=50"]))) == 2
     assert len(warnings(load_config("default", ["warmup_steps=100", "decay_steps=100"]))) == 1  # drops just the same
     assert warnings(load_config("default", ["max_steps=100", "warmup_steps=100", "decay_steps=0"])) == []
+
+
+def test_the_data_formats_a_config_accepts_are_those_the_reader_knows():
+    from gpt_train import config, formats
+
+    assert config.DATA_FORMATS == formats.CHOICES  # config.py names them without importing numpy

@@ -1,5 +1,6 @@
-"""Token files of other tools: llm.c's shards and nanoGPT's train.bin/val.bin, read in place, written (llm.c's) by
-`prepare --format llmc`, each header check one line, and the fingerprint of what lies there."""
+"""Token files of other tools: llm.c's shards, nanoGPT's train.bin/val.bin and build-nanogpt's .npy shards, read in
+place, written (llm.c's) by `prepare --format llmc`, each header check one line, and the fingerprint of what lies
+there."""
 
 import json
 import shutil
@@ -12,7 +13,7 @@ from gpt_train import data, formats
 from gpt_train import prepare as P
 from gpt_train import tokenizer as T
 from gpt_train.errors import DataError
-from helpers import cli, one_line_error, read_metrics, tiny_data, train_args  # noqa: F401
+from helpers import cli, losses, one_line_error, read_metrics, tiny_data, train_args  # noqa: F401
 
 # llm.c's dev/data/data_common.py: 256 int32, magic and version per token type, the token count, zeros.
 LLMC = {np.uint16: (20240520, 1), np.uint32: (20240801, 7)}
@@ -265,7 +266,7 @@ def test_command_line_modes(tmp_path):
         (["--index", str(tmp_path), str(corpus)], "--index DIR reads the token files in DIR: give it no INPUT"),
         ([str(corpus)], "give INPUT... and --out DIR (or --index DIR"),
         ([str(corpus), "--out", str(tmp_path / "o"), "--format", "nanogpt"], "--format nanogpt is not written"),
-        (["--index", str(tmp_path), "--format", "gpt-train"], "--index reads llmc or nanogpt token files"),
+        (["--index", str(tmp_path), "--format", "gpt-train"], "--index reads llmc, nanogpt or npy token files"),
         ([str(corpus), "--out", str(tmp_path / "o"), "--format", "llmc", "--shard-tokens", str(2**31)],
          "does not fit llm.c's header"),
     ]:
@@ -295,3 +296,69 @@ def test_training_runs_on_llmc_shards_in_place(prepared, tmp_path):
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr
     assert sorted(p.name for p in bare.iterdir()) == sorted(token_files(prepared["llmc"]))  # no meta.json written
     assert any("val_loss" in record for record in read_metrics(tmp_path / "run"))
+
+
+# -- build-nanogpt's .npy shards --------------------------------------------------------------------------------
+
+def write_npy_shards(root: Path, ids: np.ndarray, per_shard: int) -> None:
+    """As build-nanogpt's fineweb.py writes them: np.save of uint16 arrays, the first shard val, the others train."""
+    root.mkdir(exist_ok=True)
+    for index, start in enumerate(range(0, len(ids), per_shard)):
+        split = "val" if index == 0 else "train"
+        np.save(root / f"edufineweb_{split}_{index:06d}", ids[start:start + per_shard].astype(np.uint16))
+
+
+def test_build_nanogpt_npy_shards_train_as_the_same_ids_in_llmc_shards(tmp_path):
+    """The same GPT-2 ids in the same shards, as build-nanogpt's .npy files and as llm.c's: read in place without
+    a meta.json, the same windows, a run on each with the same loss at every step, then indexed."""
+    tok = T.gpt2()
+    ids = np.array(tok.encode(Path(P.bundled_corpus()).read_text(encoding="utf-8")[:60_000]), np.uint16)
+    npy, bins = tmp_path / "npy", tmp_path / "bin"
+    write_npy_shards(npy, ids, 5_000)
+    bins.mkdir()
+    for path in npy.iterdir():
+        write_datafile(bins / path.name.replace(".npy", ".bin"), np.load(path))
+    shards = sorted(p.name for p in npy.iterdir())
+    assert formats.detect(npy) == "npy" and len(shards) == -(-len(ids) // 5_000) >= 3
+    for split in ("val", "train"):
+        assert np.array_equal(all_windows(data.Split(str(npy), split, 64)), all_windows(data.Split(str(bins), split, 64)))
+    assert data.Split(str(npy), "val", 64).window(2).tolist() == ids[128:193].tolist()
+    runs = {}
+    for name, root in (("npy", npy), ("bin", bins)):
+        result = cli(*train_args(str(root), str(tmp_path / f"run-{name}"), "max_steps=3"))
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr
+        runs[name] = losses(tmp_path / f"run-{name}")
+    assert runs["npy"] == runs["bin"] and len(runs["npy"]) == 3
+    assert sorted(p.name for p in npy.iterdir()) == shards  # read in place: nothing written next to them
+    meta = P.index(str(npy))
+    assert (meta["shard_format"], meta["header_bytes"], meta["dtype"]) == ("npy", 128, "uint16")
+    assert meta["splits"]["train"]["shards"] == shards[:-1] and meta["splits"]["val"]["shards"] == shards[-1:]  # val_0
+    assert meta["splits"]["train"]["tokens"] == len(ids) - 5_000
+    assert meta["splits"]["val"]["text_bytes"] == len(tok.decode(ids[:5_000].tolist()).encode("utf-8"))
+    assert data.read_meta(str(npy))["splits"] == meta["splits"]  # now from meta.json
+
+
+def _npy_with(path: Path, array: np.ndarray, version=None) -> None:
+    with open(path, "wb") as f:
+        np.lib.format.write_array(f, array, version=version)
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda p: np.save(p, np.arange(10, dtype=np.float32)),
+     "holds an array of <f4 and shape (10,); gpt-train reads 1-D arrays of <u2 or <u4"),
+    (lambda p: np.save(p, np.arange(10, dtype=np.uint16).reshape(2, 5)),
+     "holds an array of <u2 and shape (2, 5)"),
+    (lambda p: _npy_with(p, np.arange(10, dtype=np.uint16), version=(2, 0)),
+     "a .npy header of version 2.0"),
+    (lambda p: (np.save(p, np.arange(10, dtype=np.uint16)), p.write_bytes(p.read_bytes()[:-2])),
+     "its header says 10 tokens (20 bytes) but the file holds 18 bytes after its 128-byte header"),
+    (lambda p: np.arange(600, dtype=np.uint16).tofile(p),  # no header at all
+     "not a .npy file of token ids (no numpy magic in its first 128 bytes)"),
+], ids=["float", "2-d", "version-2", "short", "no-header"])
+def test_each_npy_header_check_says_what_failed(tmp_path, make, message):
+    np.save(tmp_path / "edufineweb_val_000000.npy", np.arange(100, dtype=np.uint16))
+    make(tmp_path / "edufineweb_train_000001.npy")
+    with pytest.raises(DataError) as raised:
+        P.index(str(tmp_path))
+    assert str(raised.value).startswith(f"{tmp_path}/edufineweb_train_000001.npy: {message}"), raised.value
+    one_line_error(cli("prepare", "--index", str(tmp_path)), message)
