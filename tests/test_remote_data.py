@@ -70,6 +70,27 @@ def test_llmc_shards_are_read_past_their_header(tmp_path, s3_server, s3_bucket, 
     assert far.windows(range(far.num_windows)).equal(local.windows(range(local.num_windows)))
 
 
+def test_npy_shards_are_read_past_their_header(tmp_path, s3_server, s3_bucket, small_blocks):
+    """build-nanogpt's .npy shards, indexed locally and uploaded with their meta.json: each header is checked from
+    a ranged read of the object, and the windows are those of the local files."""
+    from gpt_train.prepare import index
+    from gpt_train.tokenizer import gpt2
+
+    local_dir = tmp_path / "npy"
+    local_dir.mkdir()
+    ids = np.array(gpt2().encode(Path(bundled_corpus()).read_text()[:40_000]), np.uint16)
+    np.save(local_dir / "edufineweb_val_000000.npy", ids[:2_000])
+    np.save(local_dir / "edufineweb_train_000001.npy", ids[2_000:6_000])
+    np.save(local_dir / "edufineweb_train_000002.npy", ids[6_000:])
+    index(str(local_dir))
+    url = upload(s3_server, str(local_dir), f"{s3_bucket}/npy")
+    cache = remote.Cache(str(tmp_path / "cache"), 1 << 30)
+    for split in ("train", "val"):
+        local, far = data.Split(str(local_dir), split, 64), data.Split(url, split, 64, cache=cache)
+        assert far.num_windows == local.num_windows and far.tokens == local.tokens
+        assert far.windows(range(far.num_windows)).equal(local.windows(range(local.num_windows)))
+
+
 def test_the_cache_keeps_its_bound_and_evicted_blocks_are_fetched_again(tmp_path, monkeypatch, s3_data, tiny_data,  # noqa: F811
                                                                        small_blocks):
     root = tmp_path / "cache"
