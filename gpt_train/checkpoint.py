@@ -436,7 +436,7 @@ class CheckpointManager:
         self.writer = Checkpointer(run_dir, cfg.keep_last, cfg.keep_best, asynchronous=cfg.async_save, log=log,
                                    host_budget_bytes=int(cfg.host_buffer_gb * 1e9))
         self.parts: dict[str, Any] = {}
-        self.rollback: dict | None = None  # what a resume=best start set aside, for the events log
+        self.rollback: dict | None = None  # what a resume=best or resume=STEP start set aside, for the events log
         self.course_changes: list[str] = []  # exactness given up with checkpoint.allow_changes, for the events log
         self._last_save = time.monotonic()
 
@@ -520,8 +520,8 @@ class CheckpointManager:
                     self.writer.store.remove(name)
             fresh = "starting fresh" + (" (old checkpoints removed: overwrite=true)" if steps else "")
             return None, init_from or None, fresh + (f" from the weights of {init_from}" if init_from else "")
-        if mode == "best" and not self._rolled_back_before():
-            return self._roll_back(), None, self.rollback["note"]
+        if (mode == "best" or mode.isdigit()) and not self._rolled_back_before(mode):
+            return self._roll_back(mode), None, self.rollback["note"]
         found = self.writer.load_newest()
         if found:
             self._check_course(found)
@@ -532,32 +532,48 @@ class CheckpointManager:
             return None, init_from, f"no checkpoint of its own: starting from the weights of {init_from}"
         return None, None, "no checkpoint found: starting fresh"
 
-    def _rolled_back_before(self) -> bool:
-        """resume=best rolls a run back once: the same command, rerun by every requeue, then continues the
-        branch that the rollback started instead of going back again."""
+    def _rolled_back_before(self, mode: str) -> bool:
+        """resume=best or resume=STEP rolls a run back once: the same command, rerun by every requeue, then
+        continues the branch that the rollback started instead of going back again. (A rollback recorded before
+        events named their resume mode was resume=best's; a bad-step rollback has a cause instead.)"""
         from gpt_train.runlog import read_jsonl
 
-        return any(e.get("event") == "rollback" for e in read_jsonl(self.writer.store, rundir.EVENTS))
+        return any(e.get("event") == "rollback" and e.get("resume", None if "cause" in e else "best") == mode
+                   for e in read_jsonl(self.writer.store, rundir.EVENTS))
 
-    def _roll_back(self) -> Checkpoint:
-        """Resume from the checkpoint of the lowest val loss; the newer ones that verify are set aside in
-        RUN/rolled-back/ (kept, listed by `status`, out of retention's reach), not deleted."""
-        found = self.writer.load_best()
-        if found is None:
-            raise CheckpointError(f"checkpoint.resume=best but '{self.writer.store.url}' has no checkpoint with a val loss")
-        url, newest = found.url, max(manifested_steps(self.writer.store))
+    def _roll_back(self, mode: str) -> Checkpoint:
+        """Resume from the checkpoint of the lowest val loss (best) or of step MODE; the newer ones that verify
+        are set aside in RUN/rolled-back/ (kept, listed by `status`, out of retention's reach), not deleted."""
+        run = self.writer.store.url
+        if mode == "best":
+            found = self.writer.load_best()
+            if found is None:
+                raise CheckpointError(f"checkpoint.resume=best but '{run}' has no checkpoint with a val loss")
+            which = f"the best checkpoint {found.url} (step {found.step}, val loss {found.meta['val_loss']:.4f})"
+        else:
+            step, steps = int(mode), manifested_steps(self.writer.store)
+            if step not in steps:
+                have = ", ".join(map(str, steps[-8:])) if steps else "none"
+                aside = " (it is in rolled-back/: move it back into checkpoints/ to return to that branch)" if \
+                    self.writer.store.exists(f"{rundir.ROLLED_BACK}/{step_name(step)}") else ""
+                raise CheckpointError(f"checkpoint.resume={step} but '{run}' has no checkpoint of step {step}"
+                                      f"{aside}; its checkpoints: {have}")
+            found = load(f"{run}/{step_folder(step)}")  # a folder that does not verify is this error, not a skip
+            which = f"the checkpoint {found.url} (step {found.step})"
+        newest = max(manifested_steps(self.writer.store))
         self._check_course(found)  # before anything is moved: a refused resume changes nothing
-        set_aside = self._drop_newer(found.step)
-        where = f"{self.writer.store.url}/{rundir.ROLLED_BACK}/"
-        note = (f"rolled back from step {newest} to the best checkpoint {url} (step {found.step}, val loss "
-                f"{found.meta['val_loss']:.4f})" + (f"; steps {', '.join(map(str, set_aside))} set aside in {where}"
-                                                    if set_aside else ", the newest that loads" if newest > found.step
-                                                    else ", the newest")
+        set_aside = self._drop_newer(found.step, rolling_back=True)
+        where = f"{run}/{rundir.ROLLED_BACK}/"
+        note = (f"rolled back from step {newest} to {which}" + (f"; steps {', '.join(map(str, set_aside))} set aside "
+                                                                f"in {where}" if set_aside else
+                                                                ", the newest that loads" if newest > found.step
+                                                                else ", the newest")
                 + "; later starts continue from the newest checkpoint")
-        self.rollback = {"from_step": newest, "to_step": found.step, "set_aside": set_aside, "note": note}
+        self.rollback = {"from_step": newest, "to_step": found.step, "set_aside": set_aside, "resume": mode,
+                         "note": note}
         return found
 
-    def _drop_newer(self, step: int) -> list[int]:
+    def _drop_newer(self, step: int, rolling_back: bool = False) -> list[int]:
         """Folders newer than the resume point would confuse retention and the next resume. Those whose files
         do not verify are removed, saying which check failed; those that verify (a rollback's, or one that
         failed to load for a reason that may pass, such as memory) are set aside, never deleted. Returns the
@@ -571,7 +587,7 @@ class CheckpointManager:
                 store.remove(f"{rundir.ROLLED_BACK}/{step_name(s)}")  # a half-finished earlier move
                 store.move(step_folder(s), f"{rundir.ROLLED_BACK}/{step_name(s)}")
                 set_aside.append(s)
-                if self.cfg.resume != "best":
+                if not rolling_back:
                     self.log(f"checkpoint: {step_name(s)} verifies but did not load: set aside in "
                              f"{store.url}/{rundir.ROLLED_BACK}/")
                 continue

@@ -104,9 +104,11 @@ class CheckpointConfig:
     keep_last: int = 3
     keep_best: bool = True
     every_minutes: float = 30.0  # also save when this much wall time passed since the last save; 0 = off
-    # auto: the newest valid checkpoint of run_dir; none: start fresh; best: the lowest val loss
+    # auto: the newest valid checkpoint of run_dir; none: start fresh; best: the lowest val loss; a step number:
+    # that checkpoint of run_dir (best and a step roll the run back once; the newer checkpoints are set aside)
     resume: str = field(default="auto", metadata={
-        "choices": ("auto", "none", "best"), "hint": "to start from another run's weights use checkpoint.init_from={}"})
+        "choices": ("auto", "none", "best"), "or_step": True,
+        "hint": "to start from another run's weights use checkpoint.init_from={}"})
     overwrite: bool = False  # with resume=none, allow a run_dir that already has checkpoints
     # a gpt-train checkpoint folder or run directory (any fsspec URL) whose weights a new run starts from
     init_from: str = ""
@@ -330,9 +332,12 @@ def _coerce(key: str, value: Any, f: dataclasses.Field) -> Any:
         raise bad
     value = str(value)
     choices = f.metadata.get("choices")
+    if f.metadata.get("or_step") and value.isdigit():
+        return str(int(value))  # a step number: 1200, or 00001200 as its folder spells it
     if choices and value not in choices:
+        also = " or a step number" if f.metadata.get("or_step") else ""
         hint = f"; {f.metadata['hint'].format(value)}" if "hint" in f.metadata else ""
-        raise ConfigError(f"config key '{key}' must be one of {', '.join(choices)}; got '{value}'{hint}")
+        raise ConfigError(f"config key '{key}' must be one of {', '.join(choices)}{also}; got '{value}'{hint}")
     return value
 
 

@@ -215,6 +215,36 @@ def test_resume_best_rolls_back_once_and_keeps_the_newer_checkpoints(tmp_path, t
     assert [r["step"] for r in status["rolled_back"]] == [6, 8]
 
 
+def test_resume_from_a_chosen_step_rolls_back_once_and_replays_the_same_steps(tmp_path, tiny_data):
+    """checkpoint.resume=4 of a run at step 8: back to step 4, steps 6 and 8 set aside, and the steps run again
+    with the same settings have the losses they had (the resume is exact); the same command again goes on."""
+    run = tmp_path / "run"
+    assert cli(*train_args(tiny_data, str(run), "max_steps=8")).returncode == 0
+    first = losses(run)
+    one_line_error(cli(*train_args(tiny_data, str(run), "max_steps=8", "checkpoint.resume=3")),
+                   "checkpoint.resume=3 but", "has no checkpoint of step 3; its checkpoints: 2, 4, 6, 8")
+    one_line_error(cli(*train_args(tiny_data, str(run), "checkpoint.resume=latest")),
+                   "must be one of auto, none, best or a step number; got 'latest'")
+
+    back = cli(*train_args(tiny_data, str(run), "max_steps=8", "checkpoint.resume=00000004"))
+    assert back.returncode == 0, back.stderr[-2000:]
+    assert f"rolled back from step 8 to the checkpoint {run}/checkpoints/step-00000004 (step 4); steps 6, 8 set " \
+           "aside" in back.stdout, back.stdout[-2000:]
+    assert sorted(p.name for p in (run / "rolled-back").iterdir()) == ["step-00000006", "step-00000008"]
+    assert losses(run) == first and sorted(losses(run)) == list(range(1, 9))  # 5-8 again, bit for bit
+    events = [json.loads(x) for x in (run / "events.jsonl").read_text().splitlines()]
+    (rollback,) = [e for e in events if e["event"] == "rollback"]
+    assert (rollback["from_step"], rollback["to_step"], rollback["set_aside"], rollback["resume"]) == (8, 4, [6, 8], "4")
+
+    again = cli(*train_args(tiny_data, str(run), "max_steps=10", "checkpoint.resume=4"))  # a requeue: goes on
+    assert again.returncode == 0 and f"resuming from {run}/checkpoints/step-00000008 (step 8)" in again.stdout
+    one_line_error(cli(*train_args(tiny_data, str(tmp_path / "other"), "checkpoint.resume=6")),
+                   "has no checkpoint of step 6; its checkpoints: none")
+    (run / "checkpoints" / "step-00000006").rename(run / "moved")  # 6 is only in rolled-back/ now
+    one_line_error(cli(*train_args(tiny_data, str(run), "max_steps=10", "checkpoint.resume=6")),
+                   "no checkpoint of step 6 (it is in rolled-back/: move it back into checkpoints/")
+
+
 def test_a_resume_that_would_not_be_exact_is_refused_unless_accepted(tmp_path, tiny_data):
     run = tmp_path / "run"
     assert cli(*train_args(tiny_data, str(run), "max_steps=2")).returncode == 0
