@@ -1,5 +1,5 @@
 """Jobs in order: `--after JOBID[:ok|any]` starts the training job after another one, and `--then "COMMAND"`
-runs a follow-up once the run has finished, e.g. `--then "gpt-train eval {run_dir} --split val"`.
+runs a follow-up once the run has finished, e.g. `--then "gpt-train eval {run_dir} --task val"`.
 
 On SLURM both are sbatch dependencies, so nothing waits on the login node: --after becomes
 `--dependency=afterok:JOBID` (or afterany), and --then a second, one-task job with `--dependency=afterok:` on

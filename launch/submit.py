@@ -6,7 +6,7 @@ on SLURM (through submitit), on this machine with torchrun, or in the Docker ima
     gpt-train-submit --backend local --gpus 8 gpt2                    # torchrun on this machine
     gpt-train-submit --backend local --nodes 2 --node-rank 0 --master-addr 10.0.0.1 --gpus 8 gpt2
     gpt-train-submit gpt2 --sweep optim.lr=1e-4,3e-4 --sweep model.n_layer=6,12 --max-parallel 2   # a job array
-    gpt-train-submit gpt2 --after 1234 --then "gpt-train eval {run_dir} --split val"
+    gpt-train-submit gpt2 --after 1234 --then "gpt-train eval {run_dir} --task val"
 """
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ def parser() -> argparse.ArgumentParser:
                    help="SLURM: start once job JOBID succeeded (:ok, the default) or ended (:any); repeatable")
     w.add_argument("--then", default="", metavar="COMMAND",
                    help="once the run succeeded, run COMMAND ({run_dir}: the run directory, quoted), e.g. "
-                        "\"gpt-train eval {run_dir} --split val\"; SLURM: a one-task job after the training job")
+                        "\"gpt-train eval {run_dir} --task val\"; SLURM: a one-task job after the training job")
     s = p.add_argument_group("SLURM")
     s.add_argument("--partition", "-p", default="")
     s.add_argument("--account", "-A", default="")

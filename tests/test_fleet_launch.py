@@ -127,7 +127,7 @@ def test_after_and_then_in_a_dry_run(capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     run = tmp_path / "my runs" / "exp 1"
     out = dry(capsys, "-p", "debug", "--run-dir", str(run), "--after", "12", "--after", "34_2:any", "--then",
-              "gpt-train eval {run_dir} --split val && echo '{done}' ${HOME}", "default")
+              "gpt-train eval {run_dir} --task val && echo '{done}' ${HOME}", "default")
     script = section(out, "sbatch script").splitlines()
     assert "#SBATCH --dependency=afterok:12,afterany:34_2" in script and "#SBATCH --kill-on-invalid-dep=yes" in script
     assert "# after: --dependency=afterok:12,afterany:34_2" in out
@@ -138,7 +138,7 @@ def test_after_and_then_in_a_dry_run(capsys, tmp_path, monkeypatch):
                  "#SBATCH --partition=debug", f"#SBATCH --output={tmp_path}/logs/default/then-%j.out"):
         assert line in lines, line
     # {run_dir} only, as one shell word; the command's own braces untouched
-    assert lines[-1] == f"gpt-train eval {shlex.quote(str(run))} --split val && echo '{{done}}' ${{HOME}}"
+    assert lines[-1] == f"gpt-train eval {shlex.quote(str(run))} --task val && echo '{{done}}' ${{HOME}}"
     assert any(ln.startswith("export PYTHONPATH=") for ln in lines)  # the follow-up imports the submitted code too
 
     sweep = dry(capsys, "--then", "gpt-train eval {run_dir}", "default", "--sweep", "model.n_layer=2,4")
