@@ -82,6 +82,9 @@ class ScheduleConfig:
 @dataclass
 class TrainConfig:
     max_steps: int = 600_000
+    # > 0: train this many passes over the train split (of a mixture: over its most repeated source); max_steps
+    # is then derived from the data at start-up, and printed
+    epochs: float = 0.0
     batch_tokens: int = 524_288  # global batch per optimizer step, in tokens, for any number of ranks
     micro_batch: int = 16  # at most this many sequences per rank per forward pass (a memory bound; see micro_batch_for)
     seq_len: int = 0  # 0 = model.block_size
@@ -507,6 +510,7 @@ def validate(cfg: Config, world_size: int = 1) -> None:
                 "train.sample_tokens", "schedule.warmup_steps", "schedule.decay_steps", "checkpoint.interval",
                 "checkpoint.every_minutes", "checkpoint.host_buffer_gb", "optim.weight_decay", "optim.grad_clip", "optim.eps", "schedule.min_lr",
                 "preemption.deadline_margin_s", "preemption.grace_s", "fault.hang_timeout_s", "fault.hang_floor_s",
+                "train.epochs",
                 "fault.max_bad_steps", "fault.in_job_restarts", "fault.max_restarts_without_progress"):
         need(get_value(cfg, key) >= 0, f"config key '{key}' must not be negative")
     need(m.n_embd % m.n_head == 0, f"config key 'model.n_embd' ({m.n_embd}) must be divisible by model.n_head ({m.n_head})")
@@ -551,6 +555,14 @@ def resolve_vocab(cfg: Config, tokenizer: dict, data_dir: str) -> Config:
         raise ConfigError(f"config key 'model.vocab_size' is {cfg.model.vocab_size} but the data in '{data_dir}' "
                           f"was tokenized with {tokenizer['name']} ({data_vocab} tokens)")
     return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=data_vocab))
+
+
+def with_epochs(cfg: Config, samples_per_epoch: float) -> Config:
+    """The config with train.max_steps derived from train.epochs (> 0): enough optimizer steps for that many
+    passes, `samples_per_epoch` sequences each (of a mixture: what one pass over its most repeated source takes)."""
+    per_step = cfg.train.batch_tokens // cfg.seq_len
+    steps = max(1, math.ceil(cfg.train.epochs * samples_per_epoch / per_step - 1e-9))
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, max_steps=steps))
 
 
 def micro_batch_for(cfg: Config, world_size: int) -> int:

@@ -208,6 +208,9 @@ class Shuffled:
         """Passes over the split that the first `samples` samples make."""
         return samples / self.split.num_windows
 
+    def samples_per_epoch(self) -> float:
+        return float(self.split.num_windows)
+
 
 class Loader:
     """Training batches for one rank from a sample stream (`Shuffled`, or a `mixture.Mixture`); `next_sample`

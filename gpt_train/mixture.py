@@ -84,6 +84,11 @@ class Mixture:
         """Passes over the source that is repeated most."""
         return max(stream.epochs(samples * c / BLOCK) for stream, c in zip(self.streams, self.counts))
 
+    def samples_per_epoch(self) -> float:
+        """The samples after which `epochs` is 1: a source drawn c times per BLOCK samples is passed over
+        once in its windows x BLOCK / c samples; the first source to get there ends the pass."""
+        return min(stream.samples_per_epoch() * BLOCK / c for stream, c in zip(self.streams, self.counts))
+
 
 class Corpus:
     """The prepared folders of data.sources (or data.dir alone), described and checked against each other."""
@@ -101,6 +106,7 @@ class Corpus:
                                 f"{first.get('name')!r} ({first.get('n_vocab')} tokens): a mixture needs one "
                                 "tokenizer; prepare them with the same one")
         self.counts = apportion([s.weight for s in self.sources])
+        self._splits: dict[tuple[str, int], list[data.Split]] = {}
         for source, count in zip(self.sources, self.counts):
             if count == 0:
                 raise ConfigError(f"config key 'data.sources': the weight of '{source.dir}' is below 1/{BLOCK} of "
@@ -133,7 +139,10 @@ class Corpus:
         return hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:16]
 
     def splits(self, name: str, seq_len: int, cache: remote.Cache) -> list[data.Split]:
-        return [data.Split(s.dir, name, seq_len, s.format, cache) for s in self.sources]
+        """Each source's split, opened once (train.epochs reads the train split's size before the trainer)."""
+        if (name, seq_len) not in self._splits:
+            self._splits[name, seq_len] = [data.Split(s.dir, name, seq_len, s.format, cache) for s in self.sources]
+        return self._splits[name, seq_len]
 
     def stream(self, splits: list[data.Split], seed: int) -> data.Shuffled | Mixture:
         """The training sample stream. One source is read exactly as data.dir is: same samples, same order."""

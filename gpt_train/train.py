@@ -29,7 +29,7 @@ import torch
 import gpt_train
 from gpt_train import collectives, data, distributed, optim, parallel, precision, protocol, recovery, remote, rundir
 from gpt_train.checkpoint import Checkpoint, CheckpointManager
-from gpt_train.config import Config, dump, load_config, micro_batch_for, resolve_vocab, to_dict, validate
+from gpt_train.config import Config, dump, load_config, micro_batch_for, resolve_vocab, to_dict, validate, with_epochs
 from gpt_train.config import warnings as config_warnings
 from gpt_train.errors import ConfigError, DataError, OutOfMemory, TrainingDiverged, UserError
 from gpt_train.evaluate import val_loss
@@ -66,6 +66,9 @@ def train(cfg: Config) -> int:
     corpus = _corpus(cfg, world)
     cfg = resolve_vocab(cfg, corpus.tokenizer, corpus.tokenizer_dir)
     validate(cfg, world.world_size)
+    if cfg.train.epochs:
+        cfg = _length_in_epochs(cfg, corpus, world)
+        validate(cfg, world.world_size)
     device = distributed.pick_device(cfg.train.device, world)
     backend = distributed.init(world, device, cfg.distributed)
     trainer = None
@@ -127,6 +130,19 @@ def out_of_memory(error: BaseException, cfg: Config, world: distributed.World, d
     if world.world_size > 1 and cfg.distributed.strategy == "ddp":
         advice.append("distributed.strategy=fsdp shards the weights and the optimizer state over the ranks")
     return OutOfMemory(f"out of memory on {device} (rank {world.rank}): {what[:300]}. To fit, " + "; ".join(advice))
+
+
+def _length_in_epochs(cfg: Config, corpus: Corpus, world: distributed.World) -> Config:
+    """train.max_steps from train.epochs: the train split's size decides how many steps a pass takes."""
+    splits = corpus.splits("train", cfg.seq_len, remote.cache_at(cfg.data.cache_dir, cfg.data.cache_gb))
+    per_epoch = corpus.stream(splits, cfg.train.seed).samples_per_epoch()
+    cfg = with_epochs(cfg, per_epoch)
+    if world.is_main:
+        print(f"train.epochs={cfg.train.epochs:g}: {per_epoch:,.0f} sequences of {cfg.seq_len} tokens make a pass"
+              + (" over the most repeated source" if corpus.mixed else "")
+              + f", {cfg.train.batch_tokens // cfg.seq_len} per step: train.max_steps={cfg.train.max_steps:,}",
+              flush=True)
+    return cfg
 
 
 def _corpus(cfg: Config, world: distributed.World) -> Corpus:

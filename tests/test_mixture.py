@@ -64,6 +64,16 @@ def test_samples_come_from_each_source_in_proportion_and_each_source_runs_its_ow
     assert len(set(other[:windows_b])) == min(len(other), windows_b)
 
 
+def test_an_epoch_of_a_mixture_is_a_pass_over_its_most_repeated_source(tiny_data, other_data):
+    c = corpus((tiny_data, 0.7), (other_data, 0.3))
+    stream = stream_of(c)
+    per_epoch = stream.samples_per_epoch()
+    windows = [split.num_windows for split in c.splits("train", SEQ, None)]
+    assert per_epoch == min(n * mixture.BLOCK / k for n, k in zip(windows, c.counts))
+    assert stream.epochs(round(per_epoch)) == pytest.approx(1.0, abs=1e-3)
+    assert stream_of(corpus((tiny_data, 1.0))).samples_per_epoch() == windows[0]  # one source: its windows
+
+
 def test_the_stream_depends_on_seed_and_position_only(tiny_data, other_data):
     c = corpus((tiny_data, 2), (other_data, 1))
     a, b = stream_of(c), stream_of(corpus((tiny_data, 2), (other_data, 1)))

@@ -1,11 +1,14 @@
 """The training entrypoint end to end, as a user runs it: a real process, real files."""
 
 import json
+import math
 import os
 import subprocess
 
 import pytest
+import yaml
 
+from gpt_train import data
 from helpers import cli, losses, one_line_error, read_metrics, tiny_data, train_args  # noqa: F401
 
 
@@ -243,6 +246,23 @@ def test_resume_from_a_chosen_step_rolls_back_once_and_replays_the_same_steps(tm
     (run / "checkpoints" / "step-00000006").rename(run / "moved")  # 6 is only in rolled-back/ now
     one_line_error(cli(*train_args(tiny_data, str(run), "max_steps=10", "checkpoint.resume=6")),
                    "no checkpoint of step 6 (it is in rolled-back/: move it back into checkpoints/")
+
+
+def test_train_epochs_sets_the_steps_from_the_data(tmp_path, tiny_data):
+    """train.epochs=0.05 of the tiny corpus: max_steps is the steps that pass over 5% of its train windows, said at
+    start-up and written to config.yaml; the run ends there, its last epoch just past 0.05."""
+    windows = data.Split(tiny_data, "train", 32).num_windows  # TINY: 32 tokens, 8 sequences per step
+    expected = math.ceil(0.05 * windows / 8)
+    run = tmp_path / "run"
+    result = cli(*train_args(tiny_data, str(run), "train.epochs=0.05", "checkpoint.interval=0"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (f"train.epochs=0.05: {windows:,} sequences of 32 tokens make a pass, 8 per step: "
+            f"train.max_steps={expected:,}") in result.stdout
+    rows = [r for r in read_metrics(run) if "loss" in r]
+    assert rows[-1]["step"] == expected and 0.05 <= rows[-1]["epoch"] < 0.05 + 8 / windows
+    saved = yaml.safe_load((run / "config.yaml").read_text())["train"]
+    assert (saved["epochs"], saved["max_steps"]) == (0.05, expected)
+    one_line_error(cli(*train_args(tiny_data, str(run), "train.epochs=-1")), "'train.epochs' must not be negative")
 
 
 def test_a_resume_that_would_not_be_exact_is_refused_unless_accepted(tmp_path, tiny_data):
