@@ -470,12 +470,14 @@ def _tokenize(items: Iterable[tuple[list, int]], tok: tokenizers.Tokenizer, writ
 
 def prepare(inputs: list[str], out: str, *, val_fraction: float = VAL_FRACTION, train_tokenizer: int | None = None,
             strip_gutenberg: bool = False, shard_tokens: int = DEFAULT_SHARD_TOKENS, workers: int | None = None,
-            force: bool = False, shard_format: str = formats.NATIVE) -> dict:
+            force: bool = False, shard_format: str = formats.NATIVE, tokenizer: str | None = None) -> dict:
     """Tokenize `inputs` into the local directory `out` (see the module docstring); returns its meta.json.
 
     `workers` is the number of encoding processes (None or 0: one per core this process may use); 1, or
     input that fits in one task, encodes on a single thread instead. `shard_format` llmc writes llm.c's shards
-    (version 1, uint16, for vocabularies up to 65536 ids; version 7, uint32, above), which its tools read too."""
+    (version 1, uint16, for vocabularies up to 65536 ids; version 7, uint32, above), which its tools read too.
+    `tokenizer`: another prepared directory (or a tokenizer.bpe file) whose tokenizer to use, so that the two
+    can be mixed in one run (data.sources needs one tokenizer)."""
     if not 0 < val_fraction < 1:
         raise DataError(f"--val-fraction must be between 0 and 1 (exclusive), got {val_fraction}")
     if shard_tokens < 1:
@@ -486,6 +488,8 @@ def prepare(inputs: list[str], out: str, *, val_fraction: float = VAL_FRACTION, 
     if shard_format == formats.LLMC and shard_tokens > formats.LLMC_MAX_TOKENS:
         raise DataError(f"--shard-tokens {shard_tokens} does not fit llm.c's header, which counts a shard's tokens "
                         f"in an int32: at most {formats.LLMC_MAX_TOKENS}")
+    if tokenizer and train_tokenizer:
+        raise DataError("give --tokenizer (use that one) or --train-tokenizer (learn one), not both")
     if workers is not None and workers < 0:
         raise DataError(f"--workers must not be negative, got {workers}")
     if "://" in out and not out.startswith("file://"):
@@ -495,8 +499,9 @@ def prepare(inputs: list[str], out: str, *, val_fraction: float = VAL_FRACTION, 
     wanted = {"format": FORMAT, "sources": [s.record() for s in sources], "val_fraction": val_fraction,
               "options": {"strip_gutenberg": strip_gutenberg, "shard_tokens": shard_tokens,
                           "train_tokenizer": train_tokenizer}}
+    given = load_tokenizer(tokenizer) if tokenizer else None
     if not train_tokenizer:
-        wanted["tokenizer"] = tokenizers.gpt2().identity()
+        wanted["tokenizer"] = (given or tokenizers.gpt2()).identity()
     current = None if force else _up_to_date(out_dir, wanted, shard_format)
     if not force and not current:
         _refuse_other_input(out_dir, wanted)
@@ -507,10 +512,27 @@ def prepare(inputs: list[str], out: str, *, val_fraction: float = VAL_FRACTION, 
               + (", and records the bytes of text that bits per byte need" if unknown else ""), flush=True)
         return current
     tasks = math.ceil(sum(s.size for s in sources) / ITEM_CHARS)  # ~1 per MB: more workers would idle
-    return _build(sources, out_dir, wanted, max(1, min(workers or _cores(), tasks)), shard_format)
+    return _build(sources, out_dir, wanted, max(1, min(workers or _cores(), tasks)), shard_format, given)
 
 
-def _build(sources: list[Source], out_dir: Path, wanted: dict, workers: int, shard_format: str) -> dict:
+def load_tokenizer(spec: str) -> tokenizers.Tokenizer:
+    """--tokenizer: the tokenizer of a prepared data directory (as its meta.json records it, hash checked), or
+    a tokenizer.bpe file that gpt-train wrote (read as text: never code)."""
+    path = Path(spec.removeprefix("file://")).expanduser()
+    if path.is_dir():
+        if not (path / "meta.json").is_file():
+            raise DataError(f"--tokenizer '{spec}' is a directory without meta.json: give a prepared data "
+                            f"directory or a {tokenizers.BPE_FILE} file")
+        try:
+            identity = json.loads((path / "meta.json").read_text())["tokenizer"]
+        except (ValueError, KeyError, TypeError):
+            raise DataError(f"--tokenizer '{spec}': its meta.json records no tokenizer") from None
+        return tokenizers.from_identity(identity, str(path))
+    return tokenizers.load_file(spec)
+
+
+def _build(sources: list[Source], out_dir: Path, wanted: dict, workers: int, shard_format: str,
+           given: tokenizers.Tokenizer | None = None) -> dict:
     """Tokenize into a staging folder, then move the result in place; a failure leaves `out_dir` as it was."""
     options = wanted["options"]
     staging = out_dir / _STAGING
@@ -518,7 +540,9 @@ def _build(sources: list[Source], out_dir: Path, wanted: dict, workers: int, sha
     staging.mkdir(parents=True)
     writers: dict[str, _ShardWriter] = {}
     try:
-        tok = _tokenizer(sources, options["train_tokenizer"], options["strip_gutenberg"], staging)
+        tok = given or _tokenizer(sources, options["train_tokenizer"], options["strip_gutenberg"], staging)
+        if given and given.name == "bpe":  # beside the shards, as a learned one is: the directory stands alone
+            tokenizers.save(given, staging / tokenizers.BPE_FILE)
         dtype = token_dtype(tok.n_vocab)
         lengths = token_bytes(tok)
         writers = {split: _ShardWriter(staging, split, dtype, options["shard_tokens"], shard_format, lengths)
@@ -690,7 +714,7 @@ def _up_to_date(out_dir: Path, wanted: dict, shard_format: str) -> dict | None:
     if formats.of(meta) != shard_format:
         return None
     try:
-        if wanted["options"]["train_tokenizer"]:
+        if meta["tokenizer"].get("name") == "bpe":  # learned here or given: its file must be there, intact
             tokenizers.from_identity(meta["tokenizer"], str(out_dir))
         itemsize, header = np.dtype(meta["dtype"]).itemsize, formats.HEADER_BYTES[shard_format]
         for info in meta["splits"].values():
@@ -751,6 +775,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--train-tokenizer", type=int, metavar="VOCAB",
                         help="train a byte-level BPE with VOCAB ids (incl. <|endoftext|>) on the inputs instead of "
                              "using GPT-2's")
+    parser.add_argument("--tokenizer", metavar="DIR_OR_FILE",
+                        help="use the tokenizer of this prepared data directory (or tokenizer.bpe file) instead of "
+                             "GPT-2's, so that the two directories can be mixed in one run")
     parser.add_argument("--strip-gutenberg", action="store_true",
                         help="drop Project Gutenberg license headers and footers")
     parser.add_argument("--shard-tokens", type=int, default=DEFAULT_SHARD_TOKENS, metavar="N",
@@ -774,6 +801,7 @@ def run(args: argparse.Namespace) -> int:
         # The default preset expects exactly this data: an option that would change it is refused, not dropped.
         changed = [flag for flag, given in (
             ("INPUT", args.inputs), ("--train-tokenizer", args.train_tokenizer is not None),
+            ("--tokenizer", args.tokenizer),
             ("--val-fraction", args.val_fraction != VAL_FRACTION), ("--strip-gutenberg", args.strip_gutenberg),
             ("--shard-tokens", args.shard_tokens != DEFAULT_SHARD_TOKENS), ("--format", args.format)) if given]
         if changed:
@@ -787,5 +815,6 @@ def run(args: argparse.Namespace) -> int:
         raise DataError("give INPUT... and --out DIR (or --index DIR, for llm.c or nanoGPT token files)")
     prepare(args.inputs, args.out, val_fraction=args.val_fraction, train_tokenizer=args.train_tokenizer,
             strip_gutenberg=args.strip_gutenberg, shard_tokens=args.shard_tokens, workers=args.workers,
-            force=args.force, shard_format=formats.NATIVE if args.format in (None, "auto") else args.format)
+            force=args.force, shard_format=formats.NATIVE if args.format in (None, "auto") else args.format,
+            tokenizer=args.tokenizer)
     return 0

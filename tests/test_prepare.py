@@ -268,6 +268,37 @@ def test_trained_tokenizer(tmp_path):
     assert T.load_file(tmp_path / "out" / T.BPE_FILE).sha256 == meta["tokenizer"]["sha256"]
 
 
+def test_a_second_corpus_takes_the_tokenizer_of_the_first_and_the_two_mix(tmp_path):
+    """--tokenizer DIR: a learned BPE reused for another corpus (written beside its shards, so the directory
+    stands alone), which makes the two one mixture; a run trains on it."""
+    book = Path(P.bundled_corpus()).read_text(encoding="utf-8")
+    (tmp_path / "a.txt").write_text(book[:120_000], encoding="utf-8")
+    (tmp_path / "b.txt").write_text(book[-60_000:], encoding="utf-8")
+    first = P.prepare([str(tmp_path / "a.txt")], str(tmp_path / "a"), train_tokenizer=512)
+    result = cli("prepare", str(tmp_path / "b.txt"), "--out", str(tmp_path / "b"), "--tokenizer", str(tmp_path / "a"))
+    assert result.returncode == 0, result.stderr
+    second = json.loads((tmp_path / "b" / "meta.json").read_text())
+    assert second["tokenizer"] == first["tokenizer"]
+    assert (tmp_path / "b" / T.BPE_FILE).read_bytes() == (tmp_path / "a" / T.BPE_FILE).read_bytes()
+    tok = T.from_identity(second["tokenizer"], str(tmp_path / "b"))
+    assert decode_all(tmp_path / "b", tok) == book[-60_000:] + EOT  # lossless with the other text's merges
+    again = cli("prepare", str(tmp_path / "b.txt"), "--out", str(tmp_path / "b"), "--tokenizer",
+                str(tmp_path / "a" / T.BPE_FILE))  # the file itself names the same tokenizer: up to date
+    assert again.returncode == 0 and "is up to date" in again.stdout, again.stdout + again.stderr
+    run = cli("train", "default", f"data.sources={tmp_path / 'a'}:0.5,{tmp_path / 'b'}:0.5", f"run_dir={tmp_path / 'run'}",
+              "model.n_layer=1", "model.n_head=2", "model.n_embd=32", "model.block_size=32", "train.batch_tokens=256",
+              "train.micro_batch=8", "train.max_steps=2", "train.eval_interval=0", "train.sample_tokens=0")
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "a mixture of" in run.stdout
+    for argv, message in [
+        (["--tokenizer", str(tmp_path / "a"), "--train-tokenizer", "600"], "give --tokenizer (use that one) or"),
+        (["--tokenizer", str(tmp_path / "nowhere.bpe")], "tokenizer file"),
+        (["--tokenizer", str(tmp_path)], "is a directory without meta.json"),
+    ]:
+        bad = cli("prepare", str(tmp_path / "b.txt"), "--out", str(tmp_path / "c"), *argv)
+        assert bad.returncode != 0 and len(bad.stderr.strip().splitlines()) == 1 and message in bad.stderr, bad.stderr
+
+
 def test_token_dtype():
     assert P.token_dtype(50257) == np.uint16
     assert P.token_dtype(65536) == np.uint16
