@@ -276,7 +276,7 @@ class Checkpointer:
                 self.log(f"checkpoint: skipping {step_name(step)}: {e}")
         return None
 
-    def load_best(self) -> Checkpoint | None:
+    def load_best(self, parts: tuple[str, ...] = FILE_PARTS) -> Checkpoint | None:
         """The checkpoint of the lowest val loss among those that load; the others are reported and skipped.
 
         Only meta.json (verified) is read of every checkpoint; the best is then loaded whole, because a val
@@ -293,7 +293,7 @@ class Checkpointer:
                 scored.append((val_loss, step))
         for _, step in sorted(scored):
             try:
-                return load(f"{self.store.url}/{step_folder(step)}")
+                return load(f"{self.store.url}/{step_folder(step)}", parts)
             except CheckpointError as e:
                 self.log(f"checkpoint: skipping {step_name(step)}: {e}")
         return None
@@ -404,13 +404,27 @@ class Checkpointer:
                 self.store.remove(folder)
         except (StorageError, OSError, ValueError) as e:
             self.log(f"checkpoint: pruning old checkpoints failed ({e}); they stay until the next save")
-def find(source: str, parts: tuple[str, ...] = ("model",)) -> Checkpoint:
-    """A checkpoint folder, or the newest valid checkpoint of a run directory."""
+def find(source: str, parts: tuple[str, ...] = ("model",), which: str = "newest") -> Checkpoint:
+    """A checkpoint folder, or a run directory's checkpoint: its newest valid one, the one of the lowest val
+    loss (which="best"), or that of a step (which="1200")."""
     if Store(source).exists(MANIFEST):
+        if which != "newest":
+            raise CheckpointError(f"'{source}' is a checkpoint folder: --checkpoint {which} chooses among the "
+                                  "checkpoints of a run directory")
         return load(source, parts)
-    found = Checkpointer(source, keep_last=1, keep_best=False).load_newest(parts)
+    run = Checkpointer(source, keep_last=1, keep_best=False)
+    if which.isdigit():
+        steps = run.manifested_steps()
+        if int(which) not in steps:
+            have = ", ".join(map(str, steps[-8:])) if steps else "none"
+            raise CheckpointError(f"'{source}' has no checkpoint of step {int(which)}; its checkpoints: {have}")
+        return load(f"{run.store.url}/{step_folder(int(which))}", parts)
+    if which not in ("newest", "best"):
+        raise CheckpointError(f"--checkpoint {which!r}: give newest, best or a step number")
+    found = run.load_best(parts) if which == "best" else run.load_newest(parts)
     if found is None:
-        raise CheckpointError(f"no valid checkpoint in '{source}' (expected a run directory or a checkpoint folder)")
+        what = "with a val loss" if which == "best" else "valid"
+        raise CheckpointError(f"no {what} checkpoint in '{source}' (expected a run directory or a checkpoint folder)")
     return found
 
 

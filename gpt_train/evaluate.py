@@ -46,6 +46,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="autocast precision (default: the run's train.precision)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    from gpt_train import inference
+
+    inference.add_checkpoint_argument(parser)
 
 
 def progress(iterable, total: int, desc: str):
@@ -66,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
     if args.task == "hellaswag" and not args.data:
         raise UserError("--task hellaswag needs --data FILE: a HellaSwag JSONL file such as hellaswag_val.jsonl")
     t0 = time.perf_counter()
-    loaded = inference.load(args.source, args.device)
+    loaded = inference.load(args.source, args.device, args.checkpoint)
     model, tokenizer, cfg, device = loaded.model, loaded.tokenizer, loaded.config, loaded.device
     prec = precision.choose(args.precision or cfg.train.precision, device)
     if precision.check(prec, device):
@@ -81,7 +84,8 @@ def run(args: argparse.Namespace) -> int:
         each = [split_loss(model, tokenizer, d, args.split, cfg.seq_len, args.micro_batch or cfg.train.micro_batch,
                            args.batches, device, prec) for d in dirs]
         result = each[0] if len(each) == 1 else {"sources": each}
-    result.update(task=args.task, source=args.source, precision=prec, seconds=round(time.perf_counter() - t0, 2))
+    result.update(task=args.task, source=args.source, checkpoint=loaded.checkpoint, step=loaded.step, precision=prec,
+                  seconds=round(time.perf_counter() - t0, 2))
     if args.json:
         print(json.dumps(result, indent=2))
     elif args.task == "hellaswag":

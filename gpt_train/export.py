@@ -7,16 +7,17 @@ import json
 
 from safetensors.torch import save_file
 
-from gpt_train.inference import find
+from gpt_train.inference import add_checkpoint_argument, find
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("source", help="run directory (its newest valid checkpoint) or checkpoint folder; any fsspec URL")
     parser.add_argument("out", help="output .safetensors file (local path)")
+    add_checkpoint_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:
-    ckpt = find(args.source)
+    ckpt = find(args.source, which=args.checkpoint)
     weights = {k: v.contiguous() for k, v in ckpt.model.items()}
     model_cfg = ckpt.meta["config"]["model"]
     metadata = {"format": "gpt-train", "step": str(ckpt.step), "model": json.dumps(model_cfg),

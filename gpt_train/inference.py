@@ -27,21 +27,32 @@ class Loaded:
     tokenizer: tokenizers.Tokenizer
     config: Config | None  # the run's config; None for Hugging Face weights, which come without one
     device: torch.device
+    checkpoint: str | None = None  # the checkpoint folder read (None: Hugging Face weights)
+    step: int | None = None
 
 
 def _device(requested: str) -> torch.device:
     return pick_device(requested, World())  # these commands are one process: rank 0's device
 
 
-def load(source: str, device: str = "auto") -> Loaded:
-    """The model of a checkpoint folder or a run directory, on `device` (auto, cpu, cuda, cuda:N or mps)."""
+def add_checkpoint_argument(parser) -> None:
+    """--checkpoint, for the commands that read a run directory's model (generate, eval, export)."""
+    parser.add_argument("--checkpoint", default="newest", metavar="WHICH",
+                        help="of a run directory: newest (default: its newest valid checkpoint), best (the lowest "
+                             "val loss) or a step number")
+
+
+def load(source: str, device: str = "auto", which: str = "newest") -> Loaded:
+    """The model of a checkpoint folder or a run directory, on `device` (auto, cpu, cuda, cuda:N or mps); of a
+    run directory, its newest valid checkpoint, its best (which="best") or that of a step (which="1200")."""
     where = _device(device)  # before the checkpoint is read: a missing GPU is reported at once
-    ckpt = find(source)
+    ckpt = find(source, which=which)
     cfg = from_dict(ckpt.meta["config"])
     model = GPT(cfg.model)
     parallel.load_model_state(model, ckpt.model, ckpt.url)
     model.to(where).eval()
-    return Loaded(model, tokenizers.from_identity(ckpt.meta["tokenizer"], cfg.data.mixture()[0].dir), cfg, where)
+    return Loaded(model, tokenizers.from_identity(ckpt.meta["tokenizer"], cfg.data.mixture()[0].dir), cfg, where,
+                  ckpt.url, ckpt.step)
 
 
 def load_hf(path: str, device: str = "auto") -> Loaded:

@@ -107,6 +107,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-samples", type=_checked(int, lambda v: v >= 1, ">= 1"), default=1)
     parser.add_argument("--seed", type=int, default=1337)
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    from gpt_train import inference
+
+    inference.add_checkpoint_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -114,7 +117,7 @@ def run(args: argparse.Namespace) -> int:
     # Imported here: loading pulls in fsspec and the tokenizer, which `--help` does not need.
     from gpt_train import inference
 
-    loaded = inference.load_hf(args.hf, args.device) if args.hf else inference.load(args.source, args.device)
+    loaded = inference.load_hf(args.hf, args.device) if args.hf else inference.load(args.source, args.device, args.checkpoint)
     model, tokenizer = loaded.model, loaded.tokenizer
     prompt_ids = tokenizer.encode(args.prompt) or [tokenizer.eot]
     if max(prompt_ids) >= model.vocab_size:

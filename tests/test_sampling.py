@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import subprocess
 import sys
@@ -14,7 +15,7 @@ from gpt_train import inference, tokenizer
 from gpt_train.config import Config, ModelConfig
 from gpt_train.model import GPT
 from gpt_train.sampling import _filter_logits, add_arguments, run, sample
-from helpers import REPO, tiny_data, train_args  # noqa: F401 (tiny_data: a fixture)
+from helpers import REPO, cli, one_line_error, read_metrics, tiny_data, train_args  # noqa: F401 (tiny_data: a fixture)
 
 VOCAB, BLOCK = 50, 16
 
@@ -130,22 +131,22 @@ def _loaded(model) -> inference.Loaded:
 def test_cli_prints_each_sample(model, monkeypatch, capsys):
     loaded = []
 
-    def load(source: str, device: str):
-        loaded.append((source, device))
+    def load(source: str, device: str, which: str):
+        loaded.append((source, device, which))
         return _loaded(model)
 
     monkeypatch.setattr(inference, "load", load)
     args = _parse(["runs/x", "--prompt", "hi", "--max-new-tokens", "4", "--num-samples", "2", "--temperature",
                    "0", "--device", "cpu"])
     assert run(args) == 0
-    assert loaded == [("runs/x", "cpu")]
+    assert loaded == [("runs/x", "cpu", "newest")]
     lines = capsys.readouterr().out.splitlines()
     greedy = _CharTokenizer().decode(sample(model, _CharTokenizer().encode("hi"), 4, temperature=0.0)[0])
     assert lines == ["----- sample 1 -----", "hi" + greedy, "----- sample 2 -----", "hi" + greedy]
 
 
 def test_cli_seed_reproduces(model, monkeypatch, capsys):
-    monkeypatch.setattr(inference, "load", lambda source, device: _loaded(model))
+    monkeypatch.setattr(inference, "load", lambda source, device, which: _loaded(model))
     outputs = []
     for seed in ("1", "1", "2"):
         run(_parse(["ckpt", "--max-new-tokens", "12", "--seed", seed, "--device", "cpu"]))
@@ -192,3 +193,25 @@ def test_the_readme_python_example_runs_on_a_trained_run(tmp_path, tiny_data, mo
     ids, loaded = namespace["ids"], namespace["m"]
     assert len(ids) == 40 and all(0 <= i < loaded.model.cfg.vocab_size for i in ids)
     assert capsys.readouterr().out == loaded.tokenizer.decode(ids) + "\n"
+
+
+def test_generate_eval_and_export_read_the_checkpoint_asked_for(tmp_path, tiny_data):
+    """--checkpoint newest (the default), best (the lowest val loss) or a step, for the three commands that read
+    a run's model; a step the run does not have, or a choice given with a checkpoint folder, is one line."""
+    run = tmp_path / "run"
+    trained = cli(*train_args(tiny_data, str(run), "max_steps=6", "eval_interval=2"))
+    assert trained.returncode == 0, trained.stderr[-2000:]
+    val = {r["step"]: r["val_loss"] for r in read_metrics(run) if "val_loss" in r}
+    best = min(val, key=val.get)
+    for which, step in (("newest", 6), ("best", best), ("2", 2)):
+        out = tmp_path / f"{which}.safetensors"
+        done = cli("export", str(run), str(out), "--checkpoint", which)
+        assert done.returncode == 0 and f"checkpoints/step-{step:08d} (step {step}," in done.stdout, done.stdout
+        evaluated = cli("eval", str(run), "--task", "val", "--batches", "1", "--checkpoint", which, "--json")
+        assert evaluated.returncode == 0, evaluated.stderr[-2000:]
+        assert json.loads(evaluated.stdout)["step"] == step
+    one_line_error(cli("generate", str(run), "--checkpoint", "3", "--max-new-tokens", "2"),
+                   "has no checkpoint of step 3; its checkpoints: 2, 4, 6")
+    one_line_error(cli("export", str(run / "checkpoints" / "step-00000002"), str(tmp_path / "x.safetensors"),
+                       "--checkpoint", "best"), "is a checkpoint folder: --checkpoint best chooses among")
+    one_line_error(cli("generate", str(run), "--checkpoint", "latest"), "give newest, best or a step number")
