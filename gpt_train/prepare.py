@@ -82,8 +82,9 @@ _COPY_TOKENS = 1 << 22  # tokens per read when moving the tail of train to val
 _STAGING = ".prepare-partial"
 _GUTENBERG_START = re.compile(r"^\*\*\* ?START OF [^\n]*\n", re.MULTILINE | re.IGNORECASE)
 _GUTENBERG_END = re.compile(r"^\*\*\* ?END OF ", re.MULTILINE | re.IGNORECASE)
-_PROTOCOL_NEEDS = {"hf": "huggingface_hub (and network access)", "s3": "s3fs", "s3a": "s3fs", "gs": "gcsfs",
-                   "gcs": "gcsfs"}
+_PROTOCOL_NEEDS = {"hf": "huggingface_hub (pip install 'gpt-train[hf]') and network access",
+                   "s3": "s3fs (pip install 'gpt-train[s3]')", "s3a": "s3fs (pip install 'gpt-train[s3]')",
+                   "gs": "gcsfs (pip install 'gpt-train[gcs]')", "gcs": "gcsfs (pip install 'gpt-train[gcs]')"}
 
 
 # The default preset's vocabulary: a BPE learned from the bundled book beats GPT-2's 50257 ids there, whose

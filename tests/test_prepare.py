@@ -199,8 +199,11 @@ def test_inputs_without_text(tmp_path):
 def test_hf_urls_need_huggingface_hub(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # as if it were not installed
     monkeypatch.delitem(importlib.import_module("fsspec.registry")._registry, "hf", raising=False)
-    with pytest.raises(DataError, match=r"reading hf:// needs huggingface_hub \(and network access\)"):
+    with pytest.raises(DataError, match=r"reading hf:// needs huggingface_hub \(pip install 'gpt-train\[hf\]'\) "
+                                        "and network access"):
         P.prepare(["hf://datasets/someone/corpus/train.parquet"], str(tmp_path / "out"))
+    pyproject = (Path(__file__).parent.parent / "pyproject.toml").read_text()
+    assert '\nhf = ["huggingface_hub>=' in pyproject  # the extra the message names exists
 
 
 def test_bad_jsonl_names_the_line(tmp_path):
