@@ -276,6 +276,18 @@ class Checkpointer:
                 self.log(f"checkpoint: skipping {step_name(step)}: {e}")
         return None
 
+    def load_step(self, step: int, parts: tuple[str, ...] = FILE_PARTS) -> Checkpoint:
+        """The checkpoint of `step`, chosen by name: one that is missing is an error that lists the run's, and
+        one that does not verify is an error too, not skipped for another."""
+        steps = self.manifested_steps()
+        if step not in steps:
+            have = ", ".join(map(str, steps[-8:])) if steps else "none"
+            aside = (" (it is in rolled-back/: move it back into checkpoints/ to return to that branch)"
+                     if self.store.exists(f"{rundir.ROLLED_BACK}/{step_name(step)}") else "")
+            raise CheckpointError(f"'{self.store.url}' has no checkpoint of step {step}{aside}; its checkpoints: "
+                                  f"{have}")
+        return load(f"{self.store.url}/{step_folder(step)}", parts)
+
     def load_best(self, parts: tuple[str, ...] = FILE_PARTS) -> Checkpoint | None:
         """The checkpoint of the lowest val loss among those that load; the others are reported and skipped.
 
@@ -414,11 +426,7 @@ def find(source: str, parts: tuple[str, ...] = ("model",), which: str = "newest"
         return load(source, parts)
     run = Checkpointer(source, keep_last=1, keep_best=False)
     if which.isdigit():
-        steps = run.manifested_steps()
-        if int(which) not in steps:
-            have = ", ".join(map(str, steps[-8:])) if steps else "none"
-            raise CheckpointError(f"'{source}' has no checkpoint of step {int(which)}; its checkpoints: {have}")
-        return load(f"{run.store.url}/{step_folder(int(which))}", parts)
+        return run.load_step(int(which), parts)
     if which not in ("newest", "best"):
         raise CheckpointError(f"--checkpoint {which!r}: give newest, best or a step number")
     found = run.load_best(parts) if which == "best" else run.load_newest(parts)
@@ -565,14 +573,10 @@ class CheckpointManager:
                 raise CheckpointError(f"checkpoint.resume=best but '{run}' has no checkpoint with a val loss")
             which = f"the best checkpoint {found.url} (step {found.step}, val loss {found.meta['val_loss']:.4f})"
         else:
-            step, steps = int(mode), manifested_steps(self.writer.store)
-            if step not in steps:
-                have = ", ".join(map(str, steps[-8:])) if steps else "none"
-                aside = " (it is in rolled-back/: move it back into checkpoints/ to return to that branch)" if \
-                    self.writer.store.exists(f"{rundir.ROLLED_BACK}/{step_name(step)}") else ""
-                raise CheckpointError(f"checkpoint.resume={step} but '{run}' has no checkpoint of step {step}"
-                                      f"{aside}; its checkpoints: {have}")
-            found = load(f"{run}/{step_folder(step)}")  # a folder that does not verify is this error, not a skip
+            try:
+                found = self.writer.load_step(int(mode))
+            except CheckpointError as e:
+                raise CheckpointError(f"checkpoint.resume={mode}: {e}") from None
             which = f"the checkpoint {found.url} (step {found.step})"
         newest = max(manifested_steps(self.writer.store))
         self._check_course(found)  # before anything is moved: a refused resume changes nothing

@@ -31,7 +31,6 @@ NATIVE, LLMC, NANOGPT, NPY = "gpt-train", "llmc", "nanogpt", "npy"
 FORMATS = (NATIVE, LLMC, NANOGPT, NPY)  # meta.json's "shard_format"; absent means gpt-train (data prepared before it)
 CHOICES = ("auto", *FORMATS)  # what a reader may ask for: auto takes meta.json's, or what the files are
 HEADER_BYTES = {NATIVE: 0, LLMC: 256 * 4, NANOGPT: 0, NPY: 128}
-HEADED = (LLMC, NPY)  # the formats whose files start with a header to check
 LLMC_MAGIC = {20240520: (1, np.dtype(np.uint16)), 20240801: (7, np.dtype(np.uint32))}  # magic: (version, ids)
 LLMC_MAX_TOKENS = 2**31 - 1  # the header's count is an int32
 NPY_MAGIC = b"\x93NUMPY"
@@ -62,7 +61,7 @@ def count_tokens(path: Path, shard_format: str, dtype: np.dtype) -> tuple[np.dty
     """(id type, number of ids) of one file, its header checked against its size; `dtype` is the type of bare
     files, an llm.c header gives its own. A failed check is one line naming the file and what does not add up."""
     head = b""
-    if shard_format in HEADED:
+    if HEADER_BYTES[shard_format]:
         with open(path, "rb") as f:
             head = f.read(HEADER_BYTES[shard_format])
     return parse_header(str(path), shard_format, dtype, path.stat().st_size, head)

@@ -82,9 +82,9 @@ _COPY_TOKENS = 1 << 22  # tokens per read when moving the tail of train to val
 _STAGING = ".prepare-partial"
 _GUTENBERG_START = re.compile(r"^\*\*\* ?START OF [^\n]*\n", re.MULTILINE | re.IGNORECASE)
 _GUTENBERG_END = re.compile(r"^\*\*\* ?END OF ", re.MULTILINE | re.IGNORECASE)
-_PROTOCOL_NEEDS = {"hf": "huggingface_hub (pip install 'gpt-train[hf]') and network access",
-                   "s3": "s3fs (pip install 'gpt-train[s3]')", "s3a": "s3fs (pip install 'gpt-train[s3]')",
-                   "gs": "gcsfs (pip install 'gpt-train[gcs]')", "gcs": "gcsfs (pip install 'gpt-train[gcs]')"}
+# protocol: (the package of its fsspec file system, the pyproject extra that installs it)
+_PROTOCOL_PACKAGE = {"hf": ("huggingface_hub", "hf"), "s3": ("s3fs", "s3"), "s3a": ("s3fs", "s3"),
+                     "gs": ("gcsfs", "gcs"), "gcs": ("gcsfs", "gcs")}
 
 
 # The default preset's vocabulary: a BPE learned from the bundled book beats GPT-2's 50257 ids there, whose
@@ -154,7 +154,9 @@ def _filesystem(spec: str) -> tuple[fsspec.AbstractFileSystem, str]:
         return fsspec.core.url_to_fs(spec)
     except (ImportError, ValueError) as e:  # a protocol whose package is not installed, or no such protocol
         protocol = spec.split("://", 1)[0] if "://" in spec else "file"
-        needs = f"; reading {protocol}:// needs {_PROTOCOL_NEEDS[protocol]}" if protocol in _PROTOCOL_NEEDS else ""
+        package, extra = _PROTOCOL_PACKAGE.get(protocol, (None, None))
+        needs = (f"; reading {protocol}:// needs {package} (pip install 'gpt-train[{extra}]')"
+                 + (" and network access" if protocol == "hf" else "")) if package else ""
         raise DataError(f"cannot read '{spec}': {e}{needs}") from None
 
 

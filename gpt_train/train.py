@@ -117,19 +117,21 @@ def out_of_memory(error: BaseException, cfg: Config, world: distributed.World, d
     asked = re.search(r"tried to allocate (\d+) bytes", text)  # the CPU allocator's message is one long line
     what = f"could not allocate {int(asked[1]) / 1e9:.1f} GB" if asked else next(iter(text.strip().splitlines()), "")
     if built:
-        micro, seq = micro_batch_for(cfg, world.world_size), cfg.seq_len
-        advice = [f"lower train.micro_batch (now {cfg.train.micro_batch}; each forward holds {micro} sequences of "
-                  f"{seq} tokens per rank, and {max(1, micro // 2)} would halve the activations): train.batch_tokens "
-                  f"({cfg.train.batch_tokens:,}) stays the same, in more accumulation steps"]
+        micro = micro_batch_for(cfg, world.world_size)
+        problem = f"a forward of {micro} sequences of {cfg.seq_len} tokens per rank does not fit"
+        advice = [f"lower train.micro_batch (now {cfg.train.micro_batch}; {max(1, micro // 2)} would halve the "
+                  f"activations): train.batch_tokens ({cfg.train.batch_tokens:,}) stays the same, in more "
+                  "accumulation steps"]
         if device.type == "cuda" and cfg.train.precision == "fp32":
             advice.append("train.precision=bf16 halves them again")
     else:
         m = cfg.model
-        advice = [f"the model ({m.n_layer} layers x {m.n_embd} wide) with its gradients and AdamW state does not "
-                  "fit: choose a smaller one"]
+        problem = f"the model ({m.n_layer} layers x {m.n_embd} wide) with its gradients and AdamW state does not fit"
+        advice = ["choose a smaller model"]
     if world.world_size > 1 and cfg.distributed.strategy == "ddp":
         advice.append("distributed.strategy=fsdp shards the weights and the optimizer state over the ranks")
-    return OutOfMemory(f"out of memory on {device} (rank {world.rank}): {what[:300]}. To fit, " + "; ".join(advice))
+    return OutOfMemory(f"out of memory on {device} (rank {world.rank}): {what[:300]}; {problem}. To fit, "
+                       + "; ".join(advice))
 
 
 def _length_in_epochs(cfg: Config, corpus: Corpus, world: distributed.World) -> Config:

@@ -225,7 +225,7 @@ def test_resume_from_a_chosen_step_rolls_back_once_and_replays_the_same_steps(tm
     assert cli(*train_args(tiny_data, str(run), "max_steps=8")).returncode == 0
     first = losses(run)
     one_line_error(cli(*train_args(tiny_data, str(run), "max_steps=8", "checkpoint.resume=3")),
-                   "checkpoint.resume=3 but", "has no checkpoint of step 3; its checkpoints: 2, 4, 6, 8")
+                   "checkpoint.resume=3: ", "has no checkpoint of step 3; its checkpoints: 2, 4, 6, 8")
     one_line_error(cli(*train_args(tiny_data, str(run), "checkpoint.resume=latest")),
                    "must be one of auto, none, best or a step number; got 'latest'")
 
